@@ -1,0 +1,1 @@
+"""Deformable DETR for Detectron2."""

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m deformable_detr.benchmark.<name>``."""
