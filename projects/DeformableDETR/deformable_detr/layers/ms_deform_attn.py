@@ -1,0 +1,208 @@
+"""The multi-scale deformable attention module (projections, sampling locations, official init)."""
+
+import logging
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ms_deform_attn_func import multi_scale_deformable_attention
+
+__all__ = ["MultiScaleDeformableAttention"]
+
+logger = logging.getLogger(__name__)
+
+
+def _is_tracing_or_compiling():
+    compiler = getattr(torch, "compiler", None)
+    compiling = compiler is not None and compiler.is_compiling()
+    return compiling or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
+class MultiScaleDeformableAttention(nn.Module):
+    """Multi-scale deformable attention (Zhu et al., 2020).
+
+    Every query attends to ``num_points`` locations per head and per feature level, placed around
+    its reference point by learned offsets and weighted by a softmax over all levels and points of
+    its head. The submodules and their initialisation match the official checkpoints.
+    """
+
+    def __init__(self, embed_dim=256, num_heads=8, num_levels=4, num_points=4):
+        """
+        Args:
+            embed_dim (int): channels of the query, the value and the output.
+            num_heads (int): attention heads; must divide ``embed_dim``.
+            num_levels (int): feature levels of the value.
+            num_points (int): sampling points per head and per level.
+        """
+        super().__init__()
+        for name, v in (
+            ("embed_dim", embed_dim),
+            ("num_heads", num_heads),
+            ("num_levels", num_levels),
+            ("num_points", num_points),
+        ):
+            if not isinstance(v, int) or v <= 0:
+                raise ValueError(
+                    f"MultiScaleDeformableAttention: {name} must be a positive int, got {v!r}"
+                )
+        if embed_dim % num_heads != 0:
+            raise ValueError(
+                f"MultiScaleDeformableAttention: embed_dim ({embed_dim}) must be divisible by "
+                f"num_heads ({num_heads})"
+            )
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.num_levels = num_levels
+        self.num_points = num_points
+
+        self.sampling_offsets = nn.Linear(embed_dim, num_heads * num_levels * num_points * 2)
+        self.attention_weights = nn.Linear(embed_dim, num_heads * num_levels * num_points)
+        self.value_proj = nn.Linear(embed_dim, embed_dim)
+        self.output_proj = nn.Linear(embed_dim, embed_dim)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        """Official initialisation: every head starts looking in its own direction, with point ``p``
+        at distance ``p + 1`` cells, and uniform attention weights."""
+        nn.init.constant_(self.sampling_offsets.weight, 0.0)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (
+            2.0 * math.pi / self.num_heads
+        )
+        directions = torch.stack([thetas.cos(), thetas.sin()], -1)
+        # Normalise so the larger component is 1: the first point lands on a neighbouring cell.
+        directions = directions / directions.abs().max(-1, keepdim=True)[0]
+        grid = directions.view(self.num_heads, 1, 1, 2).repeat(
+            1, self.num_levels, self.num_points, 1
+        )
+        grid = grid * torch.arange(1, self.num_points + 1, dtype=torch.float32).view(1, 1, -1, 1)
+        self.sampling_offsets.bias.copy_(grid.flatten())
+        nn.init.constant_(self.attention_weights.weight, 0.0)
+        nn.init.constant_(self.attention_weights.bias, 0.0)
+        nn.init.xavier_uniform_(self.value_proj.weight)
+        nn.init.constant_(self.value_proj.bias, 0.0)
+        nn.init.xavier_uniform_(self.output_proj.weight)
+        nn.init.constant_(self.output_proj.bias, 0.0)
+
+    def _check_inputs(
+        self, query, reference_points, value, spatial_shapes, level_start_index, mask
+    ):
+        name = type(self).__name__
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"{name}: query must be (N, Lq, {self.embed_dim}), got {tuple(query.shape)}"
+            )
+        if value.dim() != 3 or value.shape[-1] != self.embed_dim:
+            raise ValueError(
+                f"{name}: value must be (N, S, {self.embed_dim}), got {tuple(value.shape)}"
+            )
+        n, lq = query.shape[:2]
+        if value.shape[0] != n:
+            raise ValueError(
+                f"{name}: query and value batch sizes differ ({n} vs {value.shape[0]})"
+            )
+        if reference_points.shape[-1] not in (2, 4):
+            raise ValueError(
+                f"{name}: the last dim of reference_points must be 2 (points) or 4 (boxes), "
+                f"got shape {tuple(reference_points.shape)}"
+            )
+        if tuple(reference_points.shape[:-1]) != (n, lq, self.num_levels):
+            raise ValueError(
+                f"{name}: reference_points must be (N, Lq, num_levels, 2 or 4) = "
+                f"({n}, {lq}, {self.num_levels}, 2 or 4), got {tuple(reference_points.shape)}"
+            )
+        if tuple(spatial_shapes.shape) != (self.num_levels, 2):
+            raise ValueError(
+                f"{name}: spatial_shapes must be (num_levels, 2) = ({self.num_levels}, 2), "
+                f"got {tuple(spatial_shapes.shape)}"
+            )
+        if tuple(level_start_index.shape) != (self.num_levels,):
+            raise ValueError(
+                f"{name}: level_start_index must be ({self.num_levels},), "
+                f"got {tuple(level_start_index.shape)}"
+            )
+        if mask is not None:
+            if mask.dtype != torch.bool or tuple(mask.shape) != tuple(value.shape[:2]):
+                raise ValueError(
+                    f"{name}: padding_mask must be a bool tensor of shape (N, S) = "
+                    f"{tuple(value.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
+                )
+        # Reading the sizes back costs a device sync; skip it where it would break tracing.
+        if not _is_tracing_or_compiling():
+            total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+            if total != value.shape[1]:
+                raise ValueError(
+                    f"{name}: value length ({value.shape[1]}) must equal sum(H*W) of "
+                    f"spatial_shapes ({total})"
+                )
+
+    def forward(
+        self,
+        query,
+        reference_points,
+        value,
+        spatial_shapes,
+        level_start_index,
+        padding_mask=None,
+    ):
+        """
+        Args:
+            query (Tensor): (N, Lq, C) queries, position embedding already added.
+            reference_points (Tensor): (N, Lq, L, 2) normalised (x, y) points or (N, Lq, L, 4)
+                normalised (cx, cy, w, h) boxes, one per level, in the padded map's frame
+                (top-left (0, 0), bottom-right (1, 1)).
+            value (Tensor): (N, S, C) input features of all levels, flattened level after level.
+            spatial_shapes (Tensor): (L, 2) int64, (H, W) of every level.
+            level_start_index (Tensor): (L,) int64, start of every level in ``S``.
+            padding_mask (Tensor or None): (N, S) bool, True at padded positions, whose values
+                are zeroed so that they never contribute.
+
+        Returns:
+            Tensor: (N, Lq, C).
+        """
+        self._check_inputs(
+            query, reference_points, value, spatial_shapes, level_start_index, padding_mask
+        )
+        n, lq, _ = query.shape
+        s = value.shape[1]
+        m, lvls, pts = self.num_heads, self.num_levels, self.num_points
+
+        value = self.value_proj(value)
+        if padding_mask is not None:
+            value = value.masked_fill(padding_mask[..., None], 0.0)
+        value = value.view(n, s, m, self.embed_dim // m)
+
+        offsets = self.sampling_offsets(query).view(n, lq, m, lvls, pts, 2)
+        weights = self.attention_weights(query).view(n, lq, m, lvls * pts)
+        weights = F.softmax(weights, -1).view(n, lq, m, lvls, pts)
+
+        # Offsets are in cells of each level (2-d) or in fractions of the half box size (4-d).
+        if reference_points.shape[-1] == 2:
+            normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1)
+            locations = (
+                reference_points[:, :, None, :, None, :]
+                + offsets / normalizer[None, None, None, :, None, :]
+            )
+        else:
+            locations = (
+                reference_points[:, :, None, :, None, :2]
+                + offsets / pts * reference_points[:, :, None, :, None, 2:] * 0.5
+            )
+        # Under autocast the locations (float references) and the softmax come out in float32
+        # while the value is half: the op wants one dtype.
+        output = multi_scale_deformable_attention(
+            value,
+            spatial_shapes,
+            level_start_index,
+            locations.to(value.dtype),
+            weights.to(value.dtype),
+        )
+        return self.output_proj(output)
+
+    def extra_repr(self):
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+            f"num_levels={self.num_levels}, num_points={self.num_points}"
+        )

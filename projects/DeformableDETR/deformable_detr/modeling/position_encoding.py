@@ -1,0 +1,85 @@
+"""Sine position encoding of feature maps, computed from their padding masks."""
+
+import logging
+import math
+
+import torch
+from detectron2.config import configurable
+from torch import nn
+
+__all__ = ["PositionEmbeddingSine"]
+
+logger = logging.getLogger(__name__)
+
+
+class PositionEmbeddingSine(nn.Module):
+    """The sine/cosine position encoding of "Attention is all you need", in two dimensions.
+
+    Positions are counted over the valid (non-padded) pixels only and, when normalised, divided by
+    the valid extent, so an image gets the same encoding whatever padding the batch adds.
+    """
+
+    @configurable
+    def __init__(self, num_pos_feats=128, temperature=10000, normalize=True, scale=2 * math.pi):
+        """
+        Args:
+            num_pos_feats (int): features per axis (even); the output has twice as many channels.
+            temperature (float): base of the frequency progression.
+            normalize (bool): divide positions by the valid height/width and multiply by ``scale``.
+            scale (float): range of the normalised positions.
+        """
+        super().__init__()
+        if not isinstance(num_pos_feats, int) or num_pos_feats <= 0 or num_pos_feats % 2:
+            raise ValueError(
+                f"PositionEmbeddingSine: num_pos_feats must be a positive even int, "
+                f"got {num_pos_feats!r}"
+            )
+        if temperature <= 0:
+            raise ValueError(f"PositionEmbeddingSine: temperature must be > 0, got {temperature}")
+        self.num_pos_feats = num_pos_feats
+        self.temperature = temperature
+        self.normalize = normalize
+        self.scale = scale
+
+    @classmethod
+    def from_config(cls, cfg):
+        return {"num_pos_feats": cfg.MODEL.DEFORMABLE_DETR.HIDDEN_DIM // 2}
+
+    def forward(self, mask):
+        """
+        Args:
+            mask (Tensor): (N, H, W) bool, True at padded pixels.
+
+        Returns:
+            Tensor: (N, 2 * num_pos_feats, H, W) float32, the y encoding then the x encoding.
+        """
+        if mask.dim() != 3 or mask.dtype != torch.bool:
+            raise ValueError(
+                f"PositionEmbeddingSine: mask must be a bool tensor (N, H, W), "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        not_mask = ~mask
+        y_embed = not_mask.cumsum(1, dtype=torch.float32)
+        x_embed = not_mask.cumsum(2, dtype=torch.float32)
+        if self.normalize:
+            eps = 1e-6
+            y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
+            x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
+
+        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
+        dim_t = self.temperature ** (
+            2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
+        )
+
+        pos_x = x_embed[:, :, :, None] / dim_t
+        pos_y = y_embed[:, :, :, None] / dim_t
+        # Interleave sin (even features) and cos (odd features).
+        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
+        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
+        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+
+    def extra_repr(self):
+        return (
+            f"num_pos_feats={self.num_pos_feats}, temperature={self.temperature}, "
+            f"normalize={self.normalize}, scale={self.scale}"
+        )
