@@ -1,0 +1,356 @@
+"""Tests of the training engine: optimizer groups, full-model clipping, setup, and train_net.py run
+with two gloo workers on the CPU on a tiny dataset."""
+
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.data.datasets import register_coco_instances
+from detectron2.engine import default_argument_parser, launch
+from PIL import Image
+from torch import nn
+
+from deformable_detr.config import add_deformable_detr_config
+from deformable_detr.engine import (
+    Trainer,
+    build_optimizer,
+    lr_factor_of,
+    maybe_add_full_model_gradient_clipping,
+    setup,
+)
+
+REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+BASE_CONFIG = os.path.join(
+    REPO_ROOT, "projects", "DeformableDETR", "configs", "Base-DeformableDETR.yaml"
+)
+
+
+def _load_train_net():
+    spec = importlib.util.spec_from_file_location(
+        "deformable_detr_train_net", os.path.join(REPO_ROOT, "train_net.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Toy(nn.Module):
+    """Parameter names like the meta-architecture's, in a few tiny layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.backbone = nn.Module()
+        self.backbone.body = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.backbone.input_proj = nn.Sequential(nn.Conv2d(4, 32, 1), nn.GroupNorm(32, 32))
+        self.transformer = nn.Module()
+        self.transformer.reference_points = nn.Linear(4, 2)
+        self.transformer.sampling_offsets = nn.Linear(4, 8)
+        self.transformer.value_proj = nn.Linear(4, 4)
+        self.frozen = nn.Linear(2, 2)
+        self.frozen.requires_grad_(False)
+
+
+def _solver_cfg(**solver):
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    cfg.SOLVER.BASE_LR = 1e-3
+    cfg.SOLVER.WEIGHT_DECAY = 1e-4
+    cfg.SOLVER.WEIGHT_DECAY_NORM = 1e-4
+    for key, value in solver.items():
+        setattr(cfg.SOLVER, key, value)
+    return cfg
+
+
+def test_lr_factor_of():
+    names = ["sampling_offsets", "reference_points"]
+    assert lr_factor_of("backbone.body.res3.0.conv1.weight", 0.1, 0.5, names) == 0.1
+    assert lr_factor_of("backbone.input_proj.0.0.weight", 0.1, 0.5, names) == 1.0
+    assert lr_factor_of("transformer.reference_points.weight", 0.1, 0.5, names) == 0.5
+    name = "transformer.encoder.layers.0.self_attn.sampling_offsets.bias"
+    assert lr_factor_of(name, 0.1, 0.5, names) == 0.5
+    assert (
+        lr_factor_of("transformer.encoder.layers.0.self_attn.value_proj.bias", 0.1, 0.5, names) == 1
+    )
+    assert lr_factor_of("class_embed.0.weight", 0.1, 0.5, names) == 1.0
+
+
+def test_optimizer_groups():
+    model = _Toy()
+    cfg = _solver_cfg(BACKBONE_MULTIPLIER=0.1, LINEAR_PROJ_MULTIPLIER=0.5)
+    optimizer = build_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    lr_of, wd_of = {}, {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            lr_of[p], wd_of[p] = group["lr"], group["weight_decay"]
+    named = dict(model.named_parameters())
+    expected = {
+        "backbone.body.0.weight": 1e-4,
+        "backbone.body.1.weight": 1e-4,
+        "backbone.input_proj.0.weight": 1e-3,
+        "backbone.input_proj.1.bias": 1e-3,
+        "transformer.reference_points.weight": 5e-4,
+        "transformer.sampling_offsets.bias": 5e-4,
+        "transformer.value_proj.weight": 1e-3,
+    }
+    for name, lr in expected.items():
+        assert lr_of[named[name]] == pytest.approx(lr), name
+    # Every trainable parameter exactly once, all with weight decay; frozen ones left out.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(lr_of) == len(trainable)
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
+    assert named["frozen.weight"] not in lr_of
+    assert all(wd == pytest.approx(1e-4) for wd in wd_of.values())
+
+    assert isinstance(build_optimizer(_solver_cfg(OPTIMIZER="SGD"), model), torch.optim.SGD)
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
+        build_optimizer(_solver_cfg(OPTIMIZER="LAMB"), model)
+
+
+def test_full_model_clipping():
+    torch.manual_seed(0)
+    a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2))
+    cfg = _solver_cfg()
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.5
+    optimizer_type = maybe_add_full_model_gradient_clipping(cfg, torch.optim.SGD)
+    assert issubclass(optimizer_type, torch.optim.SGD)
+    optimizer = optimizer_type([{"params": [a]}, {"params": [b]}], lr=1.0)
+    grad_a, grad_b = torch.tensor([3.0, 0.0, 4.0]), torch.tensor([[12.0, 0.0], [0.0, 0.0]])
+    a.grad, b.grad = grad_a.clone(), grad_b.clone()
+    optimizer.step()
+    # The norm over both parameters together (13) is scaled to 0.5; per-parameter clipping would
+    # give each parameter norm 0.5 instead.
+    scale = 0.5 / 13.0
+    assert torch.allclose(-a.detach(), grad_a * scale, atol=1e-6)
+    assert torch.allclose(-b.detach(), grad_b * scale, atol=1e-6)
+
+    # Gradients under the limit are left alone.
+    a.grad, b.grad = torch.full((3,), 0.01), torch.zeros(2, 2)
+    before = a.detach().clone()
+    optimizer.step()
+    assert torch.allclose(before - a.detach(), torch.full((3,), 0.01))
+
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = False
+    assert maybe_add_full_model_gradient_clipping(cfg, torch.optim.SGD) is torch.optim.SGD
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "value"
+    per_param = maybe_add_full_model_gradient_clipping(cfg, torch.optim.SGD)
+    assert per_param is not torch.optim.SGD and issubclass(per_param, torch.optim.SGD)
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.0
+    with pytest.raises(ValueError, match="CLIP_VALUE"):
+        maybe_add_full_model_gradient_clipping(cfg, torch.optim.SGD)
+
+
+def test_setup_rejects_bad_input(tmp_path):
+    parser = default_argument_parser()
+    with pytest.raises(ValueError, match="--config-file"):
+        setup(parser.parse_args([]))
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        setup(parser.parse_args(["--config-file", str(tmp_path / "missing.yaml")]))
+    args = parser.parse_args(
+        ["--config-file", BASE_CONFIG, "MODEL.DEFORMABLE_DETR.NUM_QUERIS", "10"]
+    )
+    with pytest.raises((KeyError, AssertionError), match="NUM_QUERIS"):
+        setup(args)
+
+
+# ------------------------------------------------------------------------------------------------
+# Two-process training through train_net.py
+# ------------------------------------------------------------------------------------------------
+
+TINY_CONFIG = """
+_BASE_: "{base}"
+MODEL:
+  WEIGHTS: ""
+  DEVICE: "cpu"
+  BACKBONE:
+    FREEZE_AT: 0
+  RESNETS:
+    DEPTH: 18
+    RES2_OUT_CHANNELS: 64
+    STEM_OUT_CHANNELS: 32
+    NORM: "GN"
+  DEFORMABLE_DETR:
+    NUM_CLASSES: 2
+    NUM_QUERIES: 10
+    HIDDEN_DIM: 64
+    NHEADS: 2
+    ENC_LAYERS: 1
+    DEC_LAYERS: 2
+    DIM_FEEDFORWARD: 64
+    ENC_N_POINTS: 2
+    DEC_N_POINTS: 2
+DATASETS:
+  TRAIN: ("ddetr_engine_tiny_train",)
+  TEST: ()
+INPUT:
+  MIN_SIZE_TRAIN: (48, 64)
+  MAX_SIZE_TRAIN: 80
+  MIN_SIZE_TEST: 64
+  MAX_SIZE_TEST: 80
+  CROP_PRE_RESIZE_SIZES: [64, 72]
+  CROP:
+    SIZE: [32, 60]
+SOLVER:
+  IMS_PER_BATCH: 4
+  BASE_LR: 0.0001
+  MAX_ITER: 2
+  STEPS: ()
+  CHECKPOINT_PERIOD: 1000
+DATALOADER:
+  NUM_WORKERS: 0
+TEST:
+  EVAL_PERIOD: 0
+  DETECTIONS_PER_IMAGE: 5
+"""
+
+
+def _write_tiny_dataset(root):
+    """Four training images (one without boxes) and two validation images, COCO format."""
+    rng = np.random.default_rng(0)
+    boxes_per_image = {
+        "train": [[[4, 6, 30, 20]], [[10, 10, 20, 30], [40, 5, 16, 16]], [], [[0, 0, 56, 40]]],
+        "val": [[[8, 8, 24, 24]], [[30, 12, 20, 20], [2, 30, 14, 10]]],
+    }
+    for split, per_image in boxes_per_image.items():
+        os.makedirs(os.path.join(root, split), exist_ok=True)
+        images, annotations = [], []
+        for i, boxes in enumerate(per_image):
+            name = f"{i}.png"
+            pixels = rng.integers(0, 255, size=(48, 64, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(os.path.join(root, split, name))
+            images.append({"id": i + 1, "file_name": name, "height": 48, "width": 64})
+            for j, box in enumerate(boxes):
+                annotations.append(
+                    {
+                        "id": len(annotations) + 1,
+                        "image_id": i + 1,
+                        "category_id": 1 + j % 2,
+                        "bbox": box,
+                        "area": float(box[2] * box[3]),
+                        "iscrowd": 0,
+                    }
+                )
+        categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
+        with open(os.path.join(root, f"{split}.json"), "w") as f:
+            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+
+
+def _register_tiny_dataset(root):
+    for split in ("train", "val"):
+        name = f"ddetr_engine_tiny_{split}"
+        if name not in DatasetCatalog.list():
+            register_coco_instances(
+                name, {}, os.path.join(root, f"{split}.json"), os.path.join(root, split)
+            )
+
+
+def _params_file(output_dir, rank):
+    return os.path.join(output_dir, f"params_rank{rank}.pth")
+
+
+def _train_worker(args, dataset_root):
+    """Runs in each spawned worker: train_net.main with a trainer that records its parameters."""
+    from detectron2.utils import comm
+
+    # Two workers share the machine's cores: one thread each avoids oversubscription.
+    torch.set_num_threads(1)
+    _register_tiny_dataset(dataset_root)
+    train_net = _load_train_net()
+
+    class RecordingTrainer(train_net.Trainer):
+        def __init__(self, cfg):
+            super().__init__(cfg)
+            self._initial = {k: v.detach().clone() for k, v in self._unwrapped().named_parameters()}
+
+        def _unwrapped(self):
+            model = self.model
+            return model.module if hasattr(model, "module") else model
+
+        def train(self):
+            result = super().train()
+            final = {k: v.detach().clone() for k, v in self._unwrapped().named_parameters()}
+            torch.save(
+                {"initial": self._initial, "final": final, "world_size": comm.get_world_size()},
+                _params_file(self.cfg.OUTPUT_DIR, comm.get_rank()),
+            )
+            return result
+
+    train_net.Trainer = RecordingTrainer
+    train_net.main(args)
+
+
+def test_two_process_gloo_training_and_eval(tmp_path):
+    dataset_root = str(tmp_path / "data")
+    output_dir = str(tmp_path / "out")
+    _write_tiny_dataset(dataset_root)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(TINY_CONFIG.format(base=BASE_CONFIG))
+
+    args = default_argument_parser().parse_args(
+        ["--config-file", str(config_file), "--num-gpus", "2", "OUTPUT_DIR", output_dir]
+    )
+    launch(_train_worker, 2, dist_url="auto", args=(args, dataset_root))
+
+    rank0 = torch.load(_params_file(output_dir, 0))
+    rank1 = torch.load(_params_file(output_dir, 1))
+    assert rank0["world_size"] == rank1["world_size"] == 2
+    assert rank0["final"].keys() == rank1["final"].keys()
+    for name in rank0["final"]:
+        assert torch.equal(rank0["final"][name], rank1["final"][name]), name
+    changed = [k for k in rank0["final"] if not torch.equal(rank0["final"][k], rank0["initial"][k])]
+    # Every group of the model learned something: backbone, projections, transformer, heads.
+    for prefix in ("backbone.body.", "backbone.input_proj.", "transformer.", "class_embed."):
+        assert any(k.startswith(prefix) for k in changed), prefix
+    assert os.path.isfile(os.path.join(output_dir, "model_final.pth"))
+
+    # Evaluation only, single process, from the checkpoint just written.
+    _register_tiny_dataset(dataset_root)
+    args = default_argument_parser().parse_args(
+        [
+            "--config-file",
+            str(config_file),
+            "--eval-only",
+            "MODEL.WEIGHTS",
+            os.path.join(output_dir, "model_final.pth"),
+            "OUTPUT_DIR",
+            output_dir,
+            "DATASETS.TEST",
+            '("ddetr_engine_tiny_val",)',
+        ]
+    )
+    results = _load_train_net().main(args)
+    # Detectron2 returns the single test dataset's results without the dataset level.
+    assert set(results["bbox"]) >= {"AP", "AP50", "AP75"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_single_gpu_amp_training(tmp_path):
+    dataset_root = str(tmp_path / "data")
+    output_dir = str(tmp_path / "out")
+    _write_tiny_dataset(dataset_root)
+    _register_tiny_dataset(dataset_root)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(TINY_CONFIG.format(base=BASE_CONFIG))
+    args = default_argument_parser().parse_args(
+        [
+            "--config-file",
+            str(config_file),
+            "MODEL.DEVICE",
+            "cuda",
+            "SOLVER.AMP.ENABLED",
+            "True",
+            "SOLVER.IMS_PER_BATCH",
+            "2",
+            "OUTPUT_DIR",
+            output_dir,
+        ]
+    )
+    _load_train_net().main(args)
+    assert os.path.isfile(os.path.join(output_dir, "model_final.pth"))
