@@ -1,0 +1,88 @@
+"""Config keys of Deformable DETR: ``add_deformable_detr_config`` adds them to a Detectron2 cfg.
+
+Model keys live under ``cfg.MODEL.DEFORMABLE_DETR``; the optimiser extras the official recipe needs
+(AdamW, learning-rate multipliers, full-model gradient clipping) live under ``cfg.SOLVER``. Values
+that depend on the dataset or the schedule (number of classes aside) are set by the YAML files.
+"""
+
+from detectron2.config import CfgNode as CN
+
+__all__ = ["add_deformable_detr_config"]
+
+
+def add_deformable_detr_config(cfg):
+    """Add the Deformable DETR keys to ``cfg`` in place.
+
+    Args:
+        cfg (CfgNode): a Detectron2 config, usually from ``detectron2.config.get_cfg()``.
+    """
+    cfg.MODEL.DEFORMABLE_DETR = CN()
+    _C = cfg.MODEL.DEFORMABLE_DETR
+
+    # Number of object classes, without a background class: the classifier is a sigmoid per class.
+    # 80 for COCO with the contiguous ids of detectron2's COCO datasets.
+    _C.NUM_CLASSES = 80
+    # Number of object queries (decoder slots); in two-stage mode the number of proposals used
+    # as queries is TWO_STAGE_NUM_PROPOSALS instead.
+    _C.NUM_QUERIES = 300
+    # Backbone outputs fed to the transformer, from the finest to the coarsest. The backbone must
+    # produce each of them (for ResNet, list them in MODEL.RESNETS.OUT_FEATURES too).
+    _C.IN_FEATURES = ["res3", "res4", "res5"]
+    # Total number of feature levels. Levels beyond len(IN_FEATURES) are made by 3x3 stride-2
+    # convolutions, the first on the last backbone feature, the next ones on the previous level.
+    _C.NUM_FEATURE_LEVELS = 4
+    # Width of the transformer (d_model). input_proj uses GroupNorm(32, HIDDEN_DIM), so it must be
+    # a multiple of 32.
+    _C.HIDDEN_DIM = 256
+    # Attention heads in the deformable attention and in the decoder self-attention.
+    _C.NHEADS = 8
+    # Number of encoder and decoder layers.
+    _C.ENC_LAYERS = 6
+    _C.DEC_LAYERS = 6
+    # Hidden width of the feed-forward block of every transformer layer.
+    _C.DIM_FEEDFORWARD = 1024
+    # Dropout in the transformer layers.
+    _C.DROPOUT = 0.1
+    # Sampling points per head and per level in the encoder and decoder deformable attention.
+    _C.ENC_N_POINTS = 4
+    _C.DEC_N_POINTS = 4
+    # Iterative bounding box refinement: every decoder layer refines the boxes of the previous one,
+    # and each layer has its own prediction heads.
+    _C.WITH_BOX_REFINE = False
+    # Two-stage mode: the encoder proposes boxes and the top-scoring proposals become the queries.
+    _C.TWO_STAGE = False
+    # Number of encoder proposals kept as decoder queries in two-stage mode.
+    _C.TWO_STAGE_NUM_PROPOSALS = 300
+    # Add the matching losses of every intermediate decoder layer.
+    _C.AUX_LOSS = True
+
+    # Loss weights: sigmoid focal classification loss, L1 box loss and GIoU box loss.
+    _C.CLASS_WEIGHT = 2.0
+    _C.BBOX_WEIGHT = 5.0
+    _C.GIOU_WEIGHT = 2.0
+    # Weights of the same three terms in the Hungarian matching cost.
+    _C.COST_CLASS = 2.0
+    _C.COST_BBOX = 5.0
+    _C.COST_GIOU = 2.0
+    # Focal loss parameters, shared by the loss and the matching cost.
+    _C.FOCAL_ALPHA = 0.25
+    _C.FOCAL_GAMMA = 2.0
+
+    # Shorter-side sizes of the resize applied before the random crop of the official training
+    # augmentation (the crop itself is INPUT.CROP with TYPE "absolute_range").
+    cfg.INPUT.CROP_PRE_RESIZE_SIZES = [400, 500, 600]
+
+    # Optimiser: "ADAMW" (the official recipe) or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # Learning-rate factor for the backbone parameters (official: 2e-5 = 0.1 x 2e-4).
+    cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
+    # Learning-rate factor for parameters whose name contains any of LINEAR_PROJ_NAMES: the layers
+    # predicting sampling offsets and reference points learn ten times slower in the official recipe.
+    cfg.SOLVER.LINEAR_PROJ_MULTIPLIER = 0.1
+    cfg.SOLVER.LINEAR_PROJ_NAMES = ["sampling_offsets", "reference_points"]
+    # The official recipe clips the gradient norm of the whole model at 0.1 (L2 norm); Detectron2
+    # knows only per-parameter clipping, so "full_model" is a clip type handled by the trainer.
+    cfg.SOLVER.CLIP_GRADIENTS.ENABLED = True
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
+    cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
+    cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0

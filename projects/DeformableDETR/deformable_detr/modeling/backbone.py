@@ -1,0 +1,199 @@
+"""Backbone adapter: a Detectron2 backbone plus the input projections of Deformable DETR.
+
+``DeformableDetrBackbone`` turns a batch of padded images into the multi-level feature maps the
+transformer reads, with one exact padding mask per level. Images of the same size are run through
+the backbone together and images of other sizes separately, so convolutions and GroupNorm never
+see padding: the features of an image do not depend on the rest of the batch, and an image alone
+gives the same features as the official model.
+"""
+
+import math
+from collections import OrderedDict
+
+import torch
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import Backbone, build_backbone
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["DeformableDetrBackbone"]
+
+
+class DeformableDetrBackbone(nn.Module):
+    """Backbone features projected to the transformer width, with extra coarser levels.
+
+    Level ``l < len(in_features)`` is ``input_proj[l]`` (1x1 conv + GroupNorm) of backbone
+    feature ``in_features[l]``. Further levels are ``input_proj[l]`` (3x3 stride-2 conv +
+    GroupNorm) of the raw last backbone feature for the first one and of the previous level for
+    the next ones, as in the official model.
+
+    Attributes:
+        body (Backbone): the Detectron2 backbone.
+        input_proj (nn.ModuleList): one ``nn.Sequential(Conv2d, GroupNorm(32, hidden_dim))`` per
+            level.
+    """
+
+    @configurable
+    def __init__(self, *, body, in_features, num_feature_levels, hidden_dim=256):
+        """
+        Args:
+            body (Backbone): a Detectron2 backbone whose ``output_shape()`` lists ``in_features``.
+            in_features (list[str]): backbone outputs used, from the finest to the coarsest.
+            num_feature_levels (int): total number of levels, at least ``len(in_features)``.
+            hidden_dim (int): output channels of every level, a multiple of 32.
+        """
+        super().__init__()
+        if not isinstance(body, Backbone):
+            raise TypeError(f"body must be a detectron2 Backbone, got {type(body).__name__}")
+        in_features = list(in_features)
+        if len(in_features) == 0:
+            raise ValueError("in_features (MODEL.DEFORMABLE_DETR.IN_FEATURES) is empty")
+        if num_feature_levels < len(in_features):
+            raise ValueError(
+                f"num_feature_levels (MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS) = "
+                f"{num_feature_levels} is smaller than the number of in_features "
+                f"(MODEL.DEFORMABLE_DETR.IN_FEATURES) {in_features}"
+            )
+        if hidden_dim % 32 != 0:
+            raise ValueError(
+                f"hidden_dim (MODEL.DEFORMABLE_DETR.HIDDEN_DIM) = {hidden_dim} must be a multiple "
+                "of 32 for GroupNorm(32, hidden_dim)"
+            )
+        shapes = body.output_shape()
+        missing = [f for f in in_features if f not in shapes]
+        if missing:
+            raise ValueError(
+                f"in_features (MODEL.DEFORMABLE_DETR.IN_FEATURES) {missing} are not produced by "
+                f"the backbone {type(body).__name__}, whose outputs are {sorted(shapes)}"
+            )
+
+        self.body = body
+        self.in_features = in_features
+        self.num_feature_levels = num_feature_levels
+        self.hidden_dim = hidden_dim
+
+        projs = []
+        for name in in_features:
+            projs.append(self._proj(shapes[name].channels, hidden_dim, kernel_size=1, stride=1))
+        in_channels = shapes[in_features[-1]].channels
+        for _ in range(num_feature_levels - len(in_features)):
+            projs.append(self._proj(in_channels, hidden_dim, kernel_size=3, stride=2))
+            in_channels = hidden_dim
+        self.input_proj = nn.ModuleList(projs)
+
+        strides = [shapes[name].stride for name in in_features]
+        for _ in range(num_feature_levels - len(in_features)):
+            strides.append(strides[-1] * 2)
+        self._strides = strides
+
+    @staticmethod
+    def _proj(in_channels, out_channels, kernel_size, stride):
+        conv = nn.Conv2d(
+            in_channels, out_channels, kernel_size, stride=stride, padding=kernel_size // 2
+        )
+        nn.init.xavier_uniform_(conv.weight, gain=1)
+        nn.init.constant_(conv.bias, 0)
+        return nn.Sequential(conv, nn.GroupNorm(32, out_channels))
+
+    @classmethod
+    def from_config(cls, cfg, input_shape=None):
+        if input_shape is None:
+            input_shape = ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))
+        return {
+            "body": build_backbone(cfg, input_shape),
+            "in_features": cfg.MODEL.DEFORMABLE_DETR.IN_FEATURES,
+            "num_feature_levels": cfg.MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS,
+            "hidden_dim": cfg.MODEL.DEFORMABLE_DETR.HIDDEN_DIM,
+        }
+
+    def output_shape(self):
+        """
+        Returns:
+            list[ShapeSpec]: channels and stride of every level.
+        """
+        return [ShapeSpec(channels=self.hidden_dim, stride=s) for s in self._strides]
+
+    def _levels(self, x):
+        """Features of all levels for a batch of unpadded images of one size."""
+        feats = self.body(x)
+        srcs = [proj(feats[name]) for proj, name in zip(self.input_proj, self.in_features)]
+        prev = feats[self.in_features[-1]]
+        for proj in self.input_proj[len(self.in_features) :]:
+            prev = proj(prev)
+            srcs.append(prev)
+        return srcs
+
+    def _body_divisibility(self):
+        constraints = getattr(self.body, "padding_constraints", None) or {}
+        return int(constraints.get("size_divisibility", self.body.size_divisibility) or 0)
+
+    def forward(self, images):
+        """
+        Args:
+            images (ImageList): normalised images, padded to a common size; ``image_sizes`` gives
+                the valid part of each.
+
+        Returns:
+            tuple[list[Tensor], list[Tensor]]: per level, the features (N, hidden_dim, H_l, W_l)
+            padded with zeros to the largest image's size, and the bool masks (N, H_l, W_l),
+            True on padding.
+        """
+        tensor = images.tensor
+        sizes = [(int(h), int(w)) for h, w in images.image_sizes]
+        groups = OrderedDict()
+        for i, size in enumerate(sizes):
+            groups.setdefault(size, []).append(i)
+
+        divisibility = self._body_divisibility()
+        per_group = []
+        for (h, w), idx in groups.items():
+            x = tensor[idx, :, :h, :w] if len(idx) < len(sizes) else tensor[:, :, :h, :w]
+            if divisibility > 1:
+                # Backbones that need divisible inputs see zeros past the image, as in
+                # Detectron2; the mask below still marks only the image's own part as valid.
+                ph = int(math.ceil(h / divisibility)) * divisibility
+                pw = int(math.ceil(w / divisibility)) * divisibility
+                x = F.pad(x, (0, pw - w, 0, ph - h))
+                srcs = self._levels(x)
+                valid = [
+                    (
+                        min(s.shape[-2], int(math.ceil(h * s.shape[-2] / ph))),
+                        min(s.shape[-1], int(math.ceil(w * s.shape[-1] / pw))),
+                    )
+                    for s in srcs
+                ]
+            else:
+                srcs = self._levels(x)
+                valid = [tuple(s.shape[-2:]) for s in srcs]
+            per_group.append((idx, srcs, valid))
+
+        if len(per_group) == 1 and len(per_group[0][0]) == len(sizes):
+            idx, srcs, valid = per_group[0]
+            masks = []
+            for src, (vh, vw) in zip(srcs, valid):
+                mask = torch.ones(
+                    (src.shape[0],) + tuple(src.shape[-2:]), dtype=torch.bool, device=src.device
+                )
+                mask[:, :vh, :vw] = False
+                masks.append(mask)
+            return srcs, masks
+
+        n = len(sizes)
+        out_srcs, out_masks = [], []
+        for lvl in range(self.num_feature_levels):
+            hmax = max(srcs[lvl].shape[-2] for _, srcs, _ in per_group)
+            wmax = max(srcs[lvl].shape[-1] for _, srcs, _ in per_group)
+            ref = per_group[0][1][lvl]
+            src = ref.new_zeros((n, ref.shape[1], hmax, wmax))
+            mask = torch.ones((n, hmax, wmax), dtype=torch.bool, device=ref.device)
+            for idx, srcs, valid in per_group:
+                s = srcs[lvl]
+                index = torch.as_tensor(idx, device=s.device)
+                padded = F.pad(s, (0, wmax - s.shape[-1], 0, hmax - s.shape[-2]))
+                src = src.index_copy(0, index, padded)
+                vh, vw = valid[lvl]
+                mask[idx, :vh, :vw] = False
+            out_srcs.append(src)
+            out_masks.append(mask)
+        return out_srcs, out_masks

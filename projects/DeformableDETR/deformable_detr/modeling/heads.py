@@ -1,0 +1,94 @@
+"""Prediction heads of Deformable DETR: the box MLP and the per-layer class and box heads.
+
+``build_prediction_heads`` makes the ``class_embed`` and ``bbox_embed`` module lists with the
+official initialisation and sharing: one module repeated for every decoder layer without box
+refinement, independent copies with it, plus one more head for the encoder in two-stage mode.
+"""
+
+import copy
+import math
+
+from torch import nn
+from torch.nn import functional as F
+
+__all__ = ["MLP", "build_prediction_heads"]
+
+
+class MLP(nn.Module):
+    """A stack of linear layers with ReLU between them (none after the last one).
+
+    Attributes:
+        layers (nn.ModuleList): the ``nn.Linear`` layers, named ``layers.{i}`` as in the official
+            checkpoints.
+    """
+
+    def __init__(self, input_dim, hidden_dim, output_dim, num_layers):
+        """
+        Args:
+            input_dim (int): input channels.
+            hidden_dim (int): channels of the hidden layers.
+            output_dim (int): output channels.
+            num_layers (int): number of linear layers, at least 1.
+        """
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"MLP needs num_layers >= 1, got {num_layers}")
+        dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
+        dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+
+    def forward(self, x):
+        """
+        Args:
+            x (Tensor): (..., input_dim).
+
+        Returns:
+            Tensor: (..., output_dim).
+        """
+        for i, layer in enumerate(self.layers):
+            x = layer(x)
+            if i < len(self.layers) - 1:
+                x = F.relu(x)
+        return x
+
+
+def build_prediction_heads(hidden_dim, num_classes, num_pred, with_box_refine, two_stage):
+    """Build the class and box heads of every prediction step, initialised as the official model.
+
+    Args:
+        hidden_dim (int): width of the decoder output.
+        num_classes (int): number of classes (sigmoid outputs, no background).
+        num_pred (int): number of heads: one per decoder layer, plus one for the encoder proposals
+            in two-stage mode.
+        with_box_refine (bool): if True the heads are independent copies; otherwise a single class
+            head and a single box head are repeated ``num_pred`` times.
+        two_stage (bool): two-stage mode, which resets the size bias of every box head to 0.
+
+    Returns:
+        tuple[nn.ModuleList, nn.ModuleList]: ``class_embed`` (``nn.Linear(hidden_dim, num_classes)``
+        each) and ``bbox_embed`` (``MLP(hidden_dim, hidden_dim, 4, 3)`` each).
+    """
+    class_head = nn.Linear(hidden_dim, num_classes)
+    box_head = MLP(hidden_dim, hidden_dim, 4, 3)
+
+    # Every class starts at probability 0.01 so that the focal loss is not swamped at the start.
+    prior_prob = 0.01
+    nn.init.constant_(class_head.bias, -math.log((1 - prior_prob) / prior_prob))
+    nn.init.constant_(box_head.layers[-1].weight, 0)
+    nn.init.constant_(box_head.layers[-1].bias, 0)
+
+    # The official order matters: the copies share the initial weights of one head, the size bias
+    # of -2 (boxes of about 0.12 of the image) goes on the first copy only, and two-stage then
+    # clears it on every head because its references already carry a size.
+    if with_box_refine:
+        class_embed = nn.ModuleList(copy.deepcopy(class_head) for _ in range(num_pred))
+        bbox_embed = nn.ModuleList(copy.deepcopy(box_head) for _ in range(num_pred))
+        nn.init.constant_(bbox_embed[0].layers[-1].bias[2:], -2.0)
+    else:
+        nn.init.constant_(box_head.layers[-1].bias[2:], -2.0)
+        class_embed = nn.ModuleList(class_head for _ in range(num_pred))
+        bbox_embed = nn.ModuleList(box_head for _ in range(num_pred))
+    if two_stage:
+        for head in bbox_embed:
+            nn.init.constant_(head.layers[-1].bias[2:], 0.0)
+    return class_embed, bbox_embed
