@@ -14,6 +14,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import Backbone, build_backbone
+from detectron2.modeling.backbone import ResNet
 from torch import nn
 from torch.nn import functional as F
 
@@ -65,7 +66,9 @@ class DeformableDetrBackbone(nn.Module):
         if missing:
             raise ValueError(
                 f"in_features (MODEL.DEFORMABLE_DETR.IN_FEATURES) {missing} are not produced by "
-                f"the backbone {type(body).__name__}, whose outputs are {sorted(shapes)}"
+                f"the backbone {type(body).__name__}, whose outputs are {sorted(shapes)}: list "
+                "them in the backbone's output features too (MODEL.RESNETS.OUT_FEATURES for "
+                "ResNet)"
             )
 
         self.body = body
@@ -100,8 +103,11 @@ class DeformableDetrBackbone(nn.Module):
     def from_config(cls, cfg, input_shape=None):
         if input_shape is None:
             input_shape = ShapeSpec(channels=len(cfg.MODEL.PIXEL_MEAN))
+        body = build_backbone(cfg, input_shape)
+        if isinstance(body, ResNet) and cfg.MODEL.RESNETS.RES5_DILATION > 1:
+            _undilate_first_res5_block(body)
         return {
-            "body": build_backbone(cfg, input_shape),
+            "body": body,
             "in_features": cfg.MODEL.DEFORMABLE_DETR.IN_FEATURES,
             "num_feature_levels": cfg.MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS,
             "hidden_dim": cfg.MODEL.DEFORMABLE_DETR.HIDDEN_DIM,
@@ -197,3 +203,15 @@ class DeformableDetrBackbone(nn.Module):
             out_srcs.append(src)
             out_masks.append(mask)
         return out_srcs, out_masks
+
+
+def _undilate_first_res5_block(body):
+    """Give the first res5 block the dilation torchvision's DC5 ResNet uses.
+
+    Detectron2 dilates every 3x3 conv of a dilated res5; torchvision (and so the official DC5
+    model and its checkpoints) keeps the first block's 3x3 conv at dilation 1, because that
+    block is the one that used to downsample.
+    """
+    conv = body.res5[0].conv2
+    conv.dilation = (1, 1)
+    conv.padding = (1, 1)

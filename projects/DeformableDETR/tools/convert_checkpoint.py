@@ -1,0 +1,127 @@
+#!/usr/bin/env python
+"""Convert released Deformable DETR weights (or an ImageNet ResNet) into a MODEL.WEIGHTS file.
+
+Examples::
+
+    # an official release, e.g. r50_deformable_detr-checkpoint.pth
+    python projects/DeformableDETR/tools/convert_checkpoint.py --from official \\
+        --input r50_deformable_detr-checkpoint.pth --output deformable_detr_r50.pth
+    # a HF transformers save_pretrained folder (or its model.safetensors / pytorch_model.bin)
+    python projects/DeformableDETR/tools/convert_checkpoint.py --from hf \\
+        --input deformable-detr/ --output deformable_detr_r50_hf.pth
+    # torchvision's ImageNet ResNet-50 (resnet50-0676ba61.pth) for training from ImageNet
+    python projects/DeformableDETR/tools/convert_checkpoint.py --from torchvision \\
+        --input resnet50-0676ba61.pth --output R-50-torchvision.pth
+
+The script prints what it converted per group, the variant it found and the config file to use
+with the output. A file it does not understand makes it exit with status 1 and a message naming the
+file and the key.
+"""
+
+import argparse
+import logging
+import os
+import sys
+
+from deformable_detr.checkpoint import (
+    CheckpointConversionError,
+    check_state_dict_compatibility,
+    convert_checkpoint,
+    format_conversion_report,
+    save_converted_checkpoint,
+)
+
+logger = logging.getLogger("deformable_detr.convert_checkpoint")
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        choices=("official", "hf", "torchvision"),
+        help="format of the input file",
+    )
+    parser.add_argument("--input", required=True, help="input file (or HF save_pretrained folder)")
+    parser.add_argument("--output", required=True, help="output .pth (or .pkl) file")
+    parser.add_argument(
+        "--keep-all-classes",
+        action="store_true",
+        help="keep all 91 rows of a COCO head (default: the 80 used category ids, in id order)",
+    )
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read torch files with full unpickling (only for files from a trusted source)",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="build the model from the matching config and check the output loads exactly",
+    )
+    return parser
+
+
+def verify(checkpoint):
+    """Build the model of the matching config (with the reported overrides) and check the weights.
+
+    Args:
+        checkpoint (dict): the output of ``convert_checkpoint``.
+    """
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from deformable_detr import add_deformable_detr_config
+
+    variant = checkpoint["deformable_detr_variant"]
+    config_file = variant["config_file"]
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIG_DIR, config_file))
+    opts = []
+    for item in variant["overrides"]:
+        opts.extend(item.split(" ", 1))
+    cfg.merge_from_list(opts + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    model = build_model(cfg)
+    check_state_dict_compatibility(model, checkpoint["model"])
+    print(f"verified: the weights match the model of configs/{config_file} exactly")
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        checkpoint = convert_checkpoint(
+            args.source,
+            args.input,
+            keep_all_classes=args.keep_all_classes,
+            trust_pickle=args.trust_pickle,
+        )
+    except CheckpointConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(format_conversion_report(checkpoint["conversion_report"]))
+    if args.verify:
+        try:
+            verify(checkpoint)
+        except RuntimeError as e:
+            print(f"error: {args.input}: {e}", file=sys.stderr)
+            return 1
+    save_converted_checkpoint(checkpoint, args.output)
+    print(f"wrote {args.output}")
+    variant = checkpoint["deformable_detr_variant"]
+    if args.source != "torchvision":
+        opts = " ".join(variant["overrides"])
+        print(
+            "evaluate with: python train_net.py --config-file "
+            f"configs/{variant['config_file']} --eval-only "
+            f"MODEL.WEIGHTS {args.output}" + (f" {opts}" if opts else "")
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
