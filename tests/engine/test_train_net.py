@@ -3,6 +3,7 @@ with two gloo workers on the CPU on a tiny dataset."""
 
 import importlib.util
 import json
+import logging
 import os
 
 import numpy as np
@@ -18,6 +19,7 @@ from torch import nn
 from deformable_detr.config import add_deformable_detr_config
 from deformable_detr.engine import (
     Trainer,
+    apply_batch_size_policy,
     build_optimizer,
     lr_factor_of,
     maybe_add_full_model_gradient_clipping,
@@ -145,6 +147,61 @@ def test_full_model_clipping():
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.0
     with pytest.raises(ValueError, match="CLIP_VALUE"):
         maybe_add_full_model_gradient_clipping(cfg, torch.optim.SGD)
+
+
+def _messages(caplog, level):
+    records = caplog.records
+    return [r.getMessage() for r in records if r.levelno == level and r.name.startswith("deform")]
+
+
+def test_batch_size_policy(caplog):
+    cfg = _solver_cfg(IMS_PER_BATCH=32, MAX_ITER=1000, STEPS=(800,))
+    caplog.set_level(logging.INFO, logger="deformable_detr.engine")
+    # The total batch stays 32 whatever the number of workers: nothing to warn about.
+    for workers in (1, 8, 16, 32):
+        caplog.clear()
+        assert apply_batch_size_policy(cfg, workers) is cfg
+        per_worker = 32 // workers
+        assert _messages(caplog, logging.INFO) == [
+            f"Total batch 32 = {workers} worker(s) x {per_worker} image(s); BASE_LR 0.001, "
+            "MAX_ITER 1000"
+        ]
+        assert not _messages(caplog, logging.WARNING)
+
+    # Another total batch: kept as it is (nothing rescaled), with the official advice.
+    caplog.clear()
+    cfg.SOLVER.IMS_PER_BATCH = 16
+    assert apply_batch_size_policy(cfg, 8) is cfg
+    (warning,) = _messages(caplog, logging.WARNING)
+    assert "SOLVER.IMS_PER_BATCH=16" in warning and "official total batch of 32" in warning
+    assert "does not scale linearly" in warning
+
+    # REFERENCE_WORLD_SIZE: Detectron2's linear auto-scaling, logged with what changed.
+    caplog.clear()
+    cfg.SOLVER.IMS_PER_BATCH = 32
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 16
+    scaled = apply_batch_size_policy(cfg, 8)
+    assert scaled is not cfg and cfg.SOLVER.IMS_PER_BATCH == 32
+    assert (scaled.SOLVER.IMS_PER_BATCH, scaled.SOLVER.MAX_ITER) == (16, 2000)
+    assert scaled.SOLVER.STEPS == (1600,) and scaled.SOLVER.BASE_LR == pytest.approx(5e-4)
+    warnings = _messages(caplog, logging.WARNING)
+    assert any(
+        "Auto-scaling applied" in w
+        and "IMS_PER_BATCH 32 -> 16" in w
+        and "MAX_ITER 1000 -> 2000" in w
+        for w in warnings
+    )
+    assert len(warnings) == 1
+    assert "after auto-scaling" in _messages(caplog, logging.INFO)[0]
+    # Already on the reference number of workers: unchanged.
+    assert apply_batch_size_policy(cfg, 16) is cfg
+
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 0
+    with pytest.raises(ValueError, match="IMS_PER_BATCH"):
+        apply_batch_size_policy(cfg, 3)
+    cfg.SOLVER.REFERENCE_WORLD_SIZE = 5
+    with pytest.raises(ValueError, match="REFERENCE_WORLD_SIZE"):
+        apply_batch_size_policy(cfg, 2)
 
 
 def test_setup_rejects_bad_input(tmp_path):

@@ -2,7 +2,9 @@
 
 ``Trainer`` adds what the official recipe needs: the dataset mapper with the official augmentation,
 AdamW with lower learning rates for the backbone and for the sampling-offset / reference-point
-layers, and gradient clipping on the norm of the whole model. ``setup`` builds the config.
+layers, and gradient clipping on the norm of the whole model; and the official training
+conveniences: the in-memory image cache (DATALOADER.CACHE_IMAGES) and the batch-size policy
+(:func:`apply_batch_size_policy`). ``setup`` builds the config.
 """
 
 import itertools
@@ -13,7 +15,11 @@ import weakref
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_test_loader, build_detection_train_loader
+from detectron2.data import (
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
 from detectron2.engine import (
     AMPTrainer,
     DefaultTrainer,
@@ -29,10 +35,12 @@ from detectron2.utils.logger import setup_logger
 
 from .config import add_deformable_detr_config
 from .data import DeformableDetrDatasetMapper
+from .data.image_cache import add_image_cache_config, build_shared_image_cache
 
 __all__ = [
     "Trainer",
     "setup",
+    "apply_batch_size_policy",
     "build_optimizer",
     "lr_factor_of",
     "maybe_add_full_model_gradient_clipping",
@@ -43,6 +51,9 @@ logger = logging.getLogger(__name__)
 # Parameters of the Detectron2 backbone inside the meta-architecture's backbone adapter. The
 # adapter's input projections are not part of it: they train at the base learning rate.
 BACKBONE_PREFIX = "backbone.body."
+
+# Total batch of every published result; the official learning rates and schedule assume it.
+OFFICIAL_TOTAL_BATCH = 32
 
 
 def lr_factor_of(name, backbone_multiplier, linear_proj_multiplier, linear_proj_names):
@@ -152,6 +163,88 @@ def build_optimizer(cfg, model):
     raise ValueError(f"cfg.SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD'; got {solver.OPTIMIZER!r}")
 
 
+def apply_batch_size_policy(cfg, num_workers):
+    """The config to train with on ``num_workers`` processes, and a log of the batch it implies.
+
+    SOLVER.IMS_PER_BATCH is the total batch over all workers, so by default a config keeps its
+    total batch (and learning rate and schedule) whatever the number of GPUs, as the official
+    authors advise: all published results use a total batch of 32, and AdamW's learning rate does
+    not scale linearly with the batch size. A total batch other than 32 gets a warning. When
+    SOLVER.REFERENCE_WORLD_SIZE is set and differs from ``num_workers``, Detectron2's
+    auto-scaling applies instead (per-worker batch kept; total batch, learning rate and
+    iterations scaled linearly), with a warning that this departs from the official recipe.
+
+    Args:
+        cfg (CfgNode): the config.
+        num_workers (int): number of training processes (the world size).
+
+    Returns:
+        CfgNode: ``cfg`` itself or, after auto-scaling, a scaled copy.
+    """
+    solver = cfg.SOLVER
+    reference = solver.REFERENCE_WORLD_SIZE
+    if reference < 0 or (reference and solver.IMS_PER_BATCH % reference):
+        raise ValueError(
+            f"cfg.SOLVER.REFERENCE_WORLD_SIZE must be 0 or divide SOLVER.IMS_PER_BATCH "
+            f"({solver.IMS_PER_BATCH}); got {reference}"
+        )
+    scaled = DefaultTrainer.auto_scale_workers(cfg, num_workers)
+    auto_scaled = scaled is not cfg
+    if auto_scaled:
+        new = scaled.SOLVER
+        logger.warning(
+            "Auto-scaling applied (SOLVER.REFERENCE_WORLD_SIZE=%d, %d workers): IMS_PER_BATCH "
+            "%d -> %d, BASE_LR %g -> %g, MAX_ITER %d -> %d, STEPS %s -> %s, WARMUP_ITERS %d -> %d, "
+            "CHECKPOINT_PERIOD %d -> %d, TEST.EVAL_PERIOD %d -> %d. The official recipe keeps the "
+            "total batch at %d instead (AdamW does not scale linearly with the batch size): set "
+            "SOLVER.REFERENCE_WORLD_SIZE 0 to keep it.",
+            reference,
+            num_workers,
+            solver.IMS_PER_BATCH,
+            new.IMS_PER_BATCH,
+            solver.BASE_LR,
+            new.BASE_LR,
+            solver.MAX_ITER,
+            new.MAX_ITER,
+            tuple(solver.STEPS),
+            tuple(new.STEPS),
+            solver.WARMUP_ITERS,
+            new.WARMUP_ITERS,
+            solver.CHECKPOINT_PERIOD,
+            new.CHECKPOINT_PERIOD,
+            cfg.TEST.EVAL_PERIOD,
+            scaled.TEST.EVAL_PERIOD,
+            OFFICIAL_TOTAL_BATCH,
+        )
+    cfg = scaled
+    total = cfg.SOLVER.IMS_PER_BATCH
+    if total <= 0 or total % num_workers:
+        raise ValueError(
+            f"cfg.SOLVER.IMS_PER_BATCH ({total}) is the total batch over all workers and must be "
+            f"a positive multiple of the number of workers ({num_workers})"
+        )
+    logger.info(
+        "Total batch %d = %d worker(s) x %d image(s); BASE_LR %g, MAX_ITER %d%s",
+        total,
+        num_workers,
+        total // num_workers,
+        cfg.SOLVER.BASE_LR,
+        cfg.SOLVER.MAX_ITER,
+        " (after auto-scaling)" if auto_scaled else "",
+    )
+    if total != OFFICIAL_TOTAL_BATCH and not auto_scaled:
+        logger.warning(
+            "SOLVER.IMS_PER_BATCH=%d differs from the official total batch of %d, for which the "
+            "learning rate and schedule were tuned; AdamW does not scale linearly with the batch "
+            "size, so nothing is rescaled. To reproduce the published AP keep the total batch at "
+            "%d (SOLVER.IMS_PER_BATCH is the total, whatever the number of GPUs).",
+            total,
+            OFFICIAL_TOTAL_BATCH,
+            OFFICIAL_TOTAL_BATCH,
+        )
+    return cfg
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with the Deformable DETR data pipeline, optimizer and evaluator.
 
@@ -170,7 +263,7 @@ class Trainer(DefaultTrainer):
         TrainerBase.__init__(self)
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
-        cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
+        cfg = apply_batch_size_policy(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
@@ -201,7 +294,25 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=DeformableDetrDatasetMapper(cfg, True))
+        """The training loader; with DATALOADER.CACHE_IMAGES, the mapper decodes the images from
+        an in-memory cache built here (see :func:`build_shared_image_cache`)."""
+        if not cfg.DATALOADER.get("CACHE_IMAGES", False):
+            return build_detection_train_loader(cfg, mapper=DeformableDetrDatasetMapper(cfg, True))
+        # The same dataset dicts as build_detection_train_loader would load, loaded once for the
+        # cache and the loader.
+        dataset = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN,
+            filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
+            min_keypoints=(
+                cfg.MODEL.ROI_KEYPOINT_HEAD.MIN_KEYPOINTS_PER_IMAGE if cfg.MODEL.KEYPOINT_ON else 0
+            ),
+            proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
+        )
+        cache = build_shared_image_cache(
+            [d["file_name"] for d in dataset], cache_dir=cfg.DATALOADER.get("CACHE_DIR", "") or None
+        )
+        mapper = DeformableDetrDatasetMapper(cfg, True, image_cache=cache)
+        return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
@@ -231,8 +342,14 @@ def setup(args):
         raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
+    add_image_cache_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup configures the "detectron2" loggers only: this package's messages (image cache,
+    # batch size) go to the console and OUTPUT_DIR/log.txt as well. setup_logger stops propagation;
+    # handlers of the application (or of a test harness) on the root logger still get them.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="deformable_detr")
+    logging.getLogger("deformable_detr").propagate = True
     return cfg

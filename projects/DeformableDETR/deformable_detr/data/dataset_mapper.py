@@ -103,7 +103,8 @@ class DeformableDetrDatasetMapper:
 
     Steps:
 
-    1. Read the image from "file_name" in ``image_format``.
+    1. Read the image from "file_name" in ``image_format`` (decoded from ``image_cache`` when one
+       is given, without opening the file).
     2. Apply the augmentation (see :func:`build_deformable_detr_augmentation`).
     3. Store the image as a (C, H, W) uint8 tensor under "image".
     4. Training: drop crowd annotations, transform the boxes with the same transforms (clipped to
@@ -113,16 +114,20 @@ class DeformableDetrDatasetMapper:
     """
 
     @configurable
-    def __init__(self, is_train=True, *, augmentations, image_format):
+    def __init__(self, is_train=True, *, augmentations, image_format, image_cache=None):
         """
         Args:
             is_train (bool): whether the mapper feeds training (keeps annotations).
             augmentations (list[Augmentation or Transform]): applied in order.
             image_format (str): format of the image tensor, as in ``cfg.INPUT.FORMAT``.
+            image_cache (ImageCache or None): encoded images to decode instead of reading the
+                files (see :mod:`deformable_detr.data.image_cache`); every image mapped must be
+                in it.
         """
         self.is_train = is_train
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
+        self.image_cache = image_cache
 
     @classmethod
     def from_config(cls, cfg, is_train=True):
@@ -134,9 +139,10 @@ class DeformableDetrDatasetMapper:
 
     def __repr__(self):
         mode = "training" if self.is_train else "inference"
+        cache = "" if self.image_cache is None else f", image_cache={self.image_cache}"
         return (
             f"DeformableDetrDatasetMapper({mode}, image_format={self.image_format!r}, "
-            f"augmentations={self.augmentations})"
+            f"augmentations={self.augmentations}{cache})"
         )
 
     def _transform_annotations(self, dataset_dict, transforms, image_shape):
@@ -165,7 +171,10 @@ class DeformableDetrDatasetMapper:
                 f"DeformableDetrDatasetMapper: dataset dict has no 'file_name'; keys: "
                 f"{sorted(dataset_dict)}"
             )
-        image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        if self.image_cache is not None:
+            image = self.image_cache.read_image(dataset_dict["file_name"], self.image_format)
+        else:
+            image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
 
         aug_input = T.AugInput(image)
