@@ -59,7 +59,7 @@ def get_extensions():
     if not cpu_sources:
         raise RuntimeError(f"no C++ sources found in {CSRC_DIR}")
 
-    extra_compile_args = {"cxx": ["-O3", "-std=c++17"]}
+    extra_compile_args = {"cxx": ["-O3", "-std=c++20"]}
     define_macros = []
     cuda_home = _find_cuda_home()
     if _want_cuda(cuda_home):
@@ -76,7 +76,7 @@ def get_extensions():
         define_macros.append(("WITH_CUDA", None))
         extra_compile_args["nvcc"] = [
             "-O3",
-            "-std=c++17",
+            "-std=c++20",
             "--expt-relaxed-constexpr",
             "-D__CUDA_NO_HALF_OPERATORS__",
             "-D__CUDA_NO_HALF_CONVERSIONS__",

@@ -7,7 +7,7 @@ that depend on the dataset or the schedule (number of classes aside) are set by 
 
 from detectron2.config import CfgNode as CN
 
-__all__ = ["add_deformable_detr_config"]
+__all__ = ["add_deformable_detr_config", "check_deformable_detr_config"]
 
 
 def add_deformable_detr_config(cfg):
@@ -86,3 +86,50 @@ def add_deformable_detr_config(cfg):
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_TYPE = "full_model"
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
+
+
+def check_deformable_detr_config(cfg):
+    """Raise a ValueError naming the key for values of cfg.MODEL.DEFORMABLE_DETR that cannot work.
+
+    The model builder calls it, so a bad config fails at build time instead of deep inside a
+    layer; keys that depend on the backbone are checked by the backbone adapter.
+
+    Args:
+        cfg (CfgNode): a config with the Deformable DETR keys.
+    """
+    d = cfg.MODEL.DEFORMABLE_DETR
+
+    def need(ok, key, requirement):
+        if not ok:
+            raise ValueError(f"MODEL.DEFORMABLE_DETR.{key} = {getattr(d, key)!r}: {requirement}")
+
+    for key in ("NUM_CLASSES", "ENC_LAYERS", "DEC_LAYERS", "NHEADS", "NUM_FEATURE_LEVELS"):
+        need(getattr(d, key) >= 1, key, "must be >= 1")
+    for key in ("ENC_N_POINTS", "DEC_N_POINTS", "DIM_FEEDFORWARD"):
+        need(getattr(d, key) >= 1, key, "must be >= 1")
+    need(
+        d.HIDDEN_DIM % d.NHEADS == 0,
+        "HIDDEN_DIM",
+        f"must be a multiple of MODEL.DEFORMABLE_DETR.NHEADS ({d.NHEADS})",
+    )
+    need(0.0 <= d.DROPOUT < 1.0, "DROPOUT", "must be in [0, 1)")
+    if d.TWO_STAGE:
+        need(d.TWO_STAGE_NUM_PROPOSALS >= 1, "TWO_STAGE_NUM_PROPOSALS", "must be >= 1")
+        need(
+            d.WITH_BOX_REFINE,
+            "TWO_STAGE",
+            "requires MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE True (two-stage is defined only with "
+            "iterative box refinement, as in configs/r50_two_stage.yaml)",
+        )
+    else:
+        need(d.NUM_QUERIES >= 1, "NUM_QUERIES", "must be >= 1")
+    for key in (
+        "CLASS_WEIGHT",
+        "BBOX_WEIGHT",
+        "GIOU_WEIGHT",
+        "COST_CLASS",
+        "COST_BBOX",
+        "COST_GIOU",
+    ):
+        need(getattr(d, key) >= 0, key, "must be >= 0")
+    need(d.FOCAL_GAMMA >= 0, "FOCAL_GAMMA", "must be >= 0")

@@ -16,7 +16,9 @@ logger = logging.getLogger(__name__)
 
 def _is_tracing_or_compiling():
     compiler = getattr(torch, "compiler", None)
-    compiling = compiler is not None and compiler.is_compiling()
+    compiling = compiler is not None and (
+        compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()
+    )
     return compiling or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
@@ -87,7 +89,7 @@ class MultiScaleDeformableAttention(nn.Module):
         nn.init.constant_(self.output_proj.bias, 0.0)
 
     def _check_inputs(
-        self, query, reference_points, value, spatial_shapes, level_start_index, mask
+        self, query, reference_points, value, spatial_shapes, level_start_index, mask, level_shapes
     ):
         name = type(self).__name__
         if query.dim() != 3 or query.shape[-1] != self.embed_dim:
@@ -129,9 +131,20 @@ class MultiScaleDeformableAttention(nn.Module):
                     f"{name}: padding_mask must be a bool tensor of shape (N, S) = "
                     f"{tuple(value.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
                 )
-        # Reading the sizes back costs a device sync; skip it where it would break tracing.
-        if not _is_tracing_or_compiling():
+        if level_shapes is not None:
+            if len(level_shapes) != self.num_levels:
+                raise ValueError(
+                    f"{name}: level_shapes must list {self.num_levels} (H, W) sizes, "
+                    f"got {len(level_shapes)}"
+                )
+            total = sum(h * w for h, w in level_shapes)
+        elif not _is_tracing_or_compiling():
+            # Reading the sizes back costs a device sync (skipped where it would break tracing);
+            # callers that know the sizes pass level_shapes instead.
             total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
+        else:
+            total = None
+        if total is not None:
             if total != value.shape[1]:
                 raise ValueError(
                     f"{name}: value length ({value.shape[1]}) must equal sum(H*W) of "
@@ -146,6 +159,8 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes,
         level_start_index,
         padding_mask=None,
+        *,
+        level_shapes=None,
     ):
         """
         Args:
@@ -158,12 +173,21 @@ class MultiScaleDeformableAttention(nn.Module):
             level_start_index (Tensor): (L,) int64, start of every level in ``S``.
             padding_mask (Tensor or None): (N, S) bool, True at padded positions, whose values
                 are zeroed so that they never contribute.
+            level_shapes (list[tuple[int, int]] or None): the (H, W) of every level as Python
+                ints, when the caller has them: the value length is then checked against them
+                instead of reading ``spatial_shapes`` back from the device on every call.
 
         Returns:
             Tensor: (N, Lq, C).
         """
         self._check_inputs(
-            query, reference_points, value, spatial_shapes, level_start_index, padding_mask
+            query,
+            reference_points,
+            value,
+            spatial_shapes,
+            level_start_index,
+            padding_mask,
+            level_shapes,
         )
         n, lq, _ = query.shape
         s = value.shape[1]
@@ -171,25 +195,41 @@ class MultiScaleDeformableAttention(nn.Module):
 
         value = self.value_proj(value)
         if padding_mask is not None:
-            value = value.masked_fill(padding_mask[..., None], 0.0)
+            # In place on the fresh projection: no second (N, S, C) buffer.
+            value = value.masked_fill_(padding_mask[..., None], 0.0)
         value = value.view(n, s, m, self.embed_dim // m)
 
-        offsets = self.sampling_offsets(query).view(n, lq, m, lvls, pts, 2)
-        weights = self.attention_weights(query).view(n, lq, m, lvls * pts)
+        # Offsets and attention logits come from one matrix product over the query; the slices
+        # below are views of its output.
+        num_offsets = self.sampling_offsets.out_features
+        projected = F.linear(
+            query,
+            torch.cat([self.sampling_offsets.weight, self.attention_weights.weight]),
+            torch.cat([self.sampling_offsets.bias, self.attention_weights.bias]),
+        )
+        offsets = projected[..., :num_offsets].view(n, lq, m, lvls, pts, 2)
+        weights = projected[..., num_offsets:].view(n, lq, m, lvls * pts)
         weights = F.softmax(weights, -1).view(n, lq, m, lvls, pts)
 
         # Offsets are in cells of each level (2-d) or in fractions of the half box size (4-d).
+        # Eagerly, one fused pass computes reference + offset * scale; traced graphs keep the
+        # plain operators, which every export format knows.
+        fused = not _is_tracing_or_compiling()
         if reference_points.shape[-1] == 2:
             normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1)
-            locations = (
-                reference_points[:, :, None, :, None, :]
-                + offsets / normalizer[None, None, None, :, None, :]
-            )
+            normalizer = normalizer[None, None, None, :, None, :]
+            ref = reference_points[:, :, None, :, None, :]
+            if fused:
+                locations = torch.addcdiv(ref, offsets, normalizer.to(offsets.dtype))
+            else:
+                locations = ref + offsets / normalizer
         else:
-            locations = (
-                reference_points[:, :, None, :, None, :2]
-                + offsets / pts * reference_points[:, :, None, :, None, 2:] * 0.5
-            )
+            ref_xy = reference_points[:, :, None, :, None, :2]
+            half_wh = reference_points[:, :, None, :, None, 2:] * 0.5
+            if fused:
+                locations = torch.addcmul(ref_xy, offsets / pts, half_wh)
+            else:
+                locations = ref_xy + offsets / pts * half_wh
         # Under autocast the locations (float references) and the softmax come out in float32
         # while the value is half: the op wants one dtype.
         output = multi_scale_deformable_attention(

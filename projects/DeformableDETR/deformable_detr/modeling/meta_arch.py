@@ -7,6 +7,7 @@ every image (inference).
 """
 
 import logging
+import math
 
 import torch
 from detectron2.config import configurable
@@ -16,6 +17,8 @@ from detectron2.utils.events import get_event_storage
 from torch import nn
 from torchvision.ops import box_convert
 
+from ..checkpoint import install_strict_loading
+from ..config import check_deformable_detr_config
 from .backbone import DeformableDetrBackbone
 from .criterion import SetCriterion
 from .heads import build_prediction_heads
@@ -26,6 +29,20 @@ from .transformer import DeformableTransformer, inverse_sigmoid
 __all__ = ["DeformableDETR"]
 
 logger = logging.getLogger(__name__)
+
+
+def _source(inputs):
+    """The file name and image id the dataset mapper kept in ``inputs``, for error messages."""
+    parts = [f"{k} {inputs[k]!r}" for k in ("file_name", "image_id") if k in inputs]
+    return f" ({', '.join(parts)})" if parts else ""
+
+
+def _where():
+    """The training iteration, for error messages."""
+    try:
+        return f"iteration {get_event_storage().iter}"
+    except AssertionError:  # no EventStorage outside a trainer
+        return "a forward pass outside training"
 
 
 @META_ARCH_REGISTRY.register()
@@ -96,6 +113,14 @@ class DeformableDETR(nn.Module):
             raise ValueError(
                 f"detections_per_image (TEST.DETECTIONS_PER_IMAGE) = {detections_per_image} < 1"
             )
+        if two_stage and not with_box_refine:
+            # The official code (and every published two-stage result) uses two-stage only with
+            # refinement: without it the official decoder has no box heads to score proposals.
+            raise ValueError(
+                "MODEL.DEFORMABLE_DETR.TWO_STAGE requires MODEL.DEFORMABLE_DETR.WITH_BOX_REFINE "
+                "(two-stage is defined only with iterative box refinement, as in "
+                "configs/r50_two_stage.yaml)"
+            )
         if len(pixel_mean) != len(pixel_std):
             raise ValueError(
                 f"MODEL.PIXEL_MEAN {list(pixel_mean)} and MODEL.PIXEL_STD {list(pixel_std)} "
@@ -122,9 +147,14 @@ class DeformableDETR(nn.Module):
 
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # Weights of another variant (class count, levels, two-stage) fail to load with an error
+        # naming the config key, instead of leaving randomly initialised layers behind.
+        install_strict_loading(self)
+        self._warned_unit_range = False
 
     @classmethod
     def from_config(cls, cfg):
+        check_deformable_detr_config(cfg)
         ddetr = cfg.MODEL.DEFORMABLE_DETR
         backbone = DeformableDetrBackbone(cfg)
         transformer = DeformableTransformer(
@@ -199,17 +229,55 @@ class DeformableDETR(nn.Module):
         Returns:
             ImageList: the normalised images and their sizes before padding.
         """
+        if len(batched_inputs) == 0:
+            raise ValueError("batched_inputs is empty")
         images = []
         for i, x in enumerate(batched_inputs):
-            image = x["image"]
-            if image.dim() != 3 or image.shape[0] != self.pixel_mean.shape[0]:
-                raise ValueError(
-                    f"batched_inputs[{i}]['image'] must be ({self.pixel_mean.shape[0]}, H, W), "
-                    f"got {tuple(image.shape)}"
-                )
-            images.append((image.to(self.device) - self.pixel_mean) / self.pixel_std)
+            image = self._checked_image(i, x)
+            # Any float input (e.g. float64) is computed in the model's own precision.
+            image = image.to(device=self.device, dtype=self.pixel_mean.dtype)
+            images.append((image - self.pixel_mean) / self.pixel_std)
         # The backbone adapter runs on each image's own extent, so no size divisibility is needed.
         return ImageList.from_tensors(images)
+
+    def _checked_image(self, i, inputs):
+        """The image of ``batched_inputs[i]``, or a clear error if the model cannot use it."""
+        if not isinstance(inputs, dict) or "image" not in inputs:
+            raise TypeError(f"batched_inputs[{i}] must be a dict with an 'image' tensor")
+        image = inputs["image"]
+        name = f"batched_inputs[{i}]['image']" + _source(inputs)
+        if not torch.is_tensor(image):
+            raise TypeError(
+                f"{name} must be a torch.Tensor (C, H, W), got {type(image).__name__}; convert an "
+                "(H, W, C) array with torch.as_tensor(array.transpose(2, 0, 1).copy())"
+            )
+        channels = self.pixel_mean.shape[0]
+        if image.dim() != 3 or image.shape[0] != channels:
+            raise ValueError(f"{name} must be ({channels}, H, W), got {tuple(image.shape)}")
+        if image.shape[1] == 0 or image.shape[2] == 0:
+            raise ValueError(f"{name} is empty: shape {tuple(image.shape)}")
+        if image.dtype != torch.uint8 and not image.is_floating_point():
+            raise TypeError(
+                f"{name} has dtype {image.dtype}; expected uint8 or floating point pixel values "
+                "in 0..255 (INPUT.FORMAT channel order)"
+            )
+        if image.is_floating_point():
+            low, high = (float(v) for v in torch.aminmax(image))
+            if not (math.isfinite(low) and math.isfinite(high)):
+                raise ValueError(f"{name} has NaN or infinite pixel values")
+            if high <= 1.0 and not self._warned_unit_range:
+                # Could be a black image, so only a warning; a [0, 1] image would otherwise be
+                # normalised by MODEL.PIXEL_MEAN/STD meant for 0..255 and give no detections.
+                self._warned_unit_range = True
+                logger.warning(
+                    "%s has pixel values in [%g, %g]: the model expects 0..255 (as "
+                    "DefaultPredictor and the dataset mapper give); multiply [0, 1] images by "
+                    "255. This warning is shown once.",
+                    name,
+                    low,
+                    high,
+                )
+        return image
 
     def forward_raw(self, batched_inputs):
         """Run the network and return its raw outputs, before losses or post-processing.
@@ -277,10 +345,16 @@ class DeformableDETR(nn.Module):
             outputs, _ = self.forward_raw(batched_inputs)
             if not self.aux_loss:
                 outputs = {k: v for k, v in outputs.items() if k != "aux_outputs"}
-            losses = self.criterion(outputs, targets)
+            try:
+                losses = self.criterion(outputs, targets)
+            except FloatingPointError as e:
+                # The matcher meets non-finite predictions before the losses do.
+                raise FloatingPointError(f"Deformable DETR at {_where()}: {e}") from e
             self._check_losses(losses)
             return losses
 
+        if len(batched_inputs) == 0:
+            return []
         outputs, images = self.forward_raw(batched_inputs)
         results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
         processed = []
@@ -304,16 +378,19 @@ class DeformableDETR(nn.Module):
         targets = []
         for i, inputs in enumerate(batched_inputs):
             if "instances" not in inputs:
-                raise ValueError(f"batched_inputs[{i}] has no 'instances' in training mode")
+                raise ValueError(
+                    f"batched_inputs[{i}]{_source(inputs)} has no 'instances' in training mode"
+                )
             h, w = inputs["image"].shape[-2:]
             gt = inputs["instances"].to(self.device)
             labels = gt.gt_classes.long()
             # Sigmoid classifier without background: labels index the NUM_CLASSES outputs directly.
             if len(labels) and (labels.min() < 0 or labels.max() >= self.num_classes):
                 raise ValueError(
-                    f"batched_inputs[{i}]['instances'].gt_classes has labels "
+                    f"batched_inputs[{i}]['instances'].gt_classes{_source(inputs)} has labels "
                     f"{sorted(set(labels.tolist()))} outside [0, {self.num_classes}): "
-                    "MODEL.DEFORMABLE_DETR.NUM_CLASSES must be the number of dataset classes"
+                    "MODEL.DEFORMABLE_DETR.NUM_CLASSES must be the number of dataset classes "
+                    "(contiguous ids, no background class)"
                 )
             scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
             boxes = box_convert(gt.gt_boxes.tensor.float() / scale, in_fmt="xyxy", out_fmt="cxcywh")
@@ -326,12 +403,8 @@ class DeformableDETR(nn.Module):
         if torch.isfinite(total).all():
             return
         bad = sorted(k for k, v in losses.items() if not torch.isfinite(v).all())
-        try:
-            where = f"iteration {get_event_storage().iter}"
-        except AssertionError:  # no EventStorage outside a trainer
-            where = "a forward pass outside training"
         raise FloatingPointError(
-            f"Deformable DETR loss is not finite at {where}: non-finite terms {bad} "
+            f"Deformable DETR loss is not finite at {_where()}: non-finite terms {bad} "
             f"({', '.join(f'{k}={losses[k].item()}' for k in bad)})"
         )
 

@@ -12,6 +12,14 @@ __all__ = ["PositionEmbeddingSine"]
 logger = logging.getLogger(__name__)
 
 
+def _is_tracing_or_compiling():
+    compiler = getattr(torch, "compiler", None)
+    compiling = compiler is not None and (
+        compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()
+    )
+    return compiling or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
 class PositionEmbeddingSine(nn.Module):
     """The sine/cosine position encoding of "Attention is all you need", in two dimensions.
 
@@ -66,17 +74,28 @@ class PositionEmbeddingSine(nn.Module):
             y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
 
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=mask.device)
+        if mask.device.type == "cpu" and not _is_tracing_or_compiling():
+            # A feature map has few distinct positions (about H + W per image): encode each once
+            # and gather. The same elementwise formula on the same values gives the same bits,
+            # without computing 2 * num_pos_feats sines and cosines per pixel.
+            unique_y, index_y = torch.unique(y_embed, return_inverse=True)
+            unique_x, index_x = torch.unique(x_embed, return_inverse=True)
+            table = self._encode(torch.cat((unique_y, unique_x)))
+            # One gather writes the output: (N, H, W, 2) rows of the table, y then x.
+            index = torch.stack((index_y, index_x + unique_y.shape[0]), dim=-1)
+            pos = table[index].flatten(3)
+        else:
+            pos = torch.cat((self._encode(y_embed), self._encode(x_embed)), dim=3)
+        return pos.permute(0, 3, 1, 2)
+
+    def _encode(self, positions):
+        """(...) positions -> (..., num_pos_feats): sin on even features, cos on odd ones."""
+        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=positions.device)
         dim_t = self.temperature ** (
             2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
         )
-
-        pos_x = x_embed[:, :, :, None] / dim_t
-        pos_y = y_embed[:, :, :, None] / dim_t
-        # Interleave sin (even features) and cos (odd features).
-        pos_x = torch.stack((pos_x[..., 0::2].sin(), pos_x[..., 1::2].cos()), dim=4).flatten(3)
-        pos_y = torch.stack((pos_y[..., 0::2].sin(), pos_y[..., 1::2].cos()), dim=4).flatten(3)
-        return torch.cat((pos_y, pos_x), dim=3).permute(0, 3, 1, 2)
+        pos = positions[..., None] / dim_t
+        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
     def extra_repr(self):
         return (

@@ -47,9 +47,31 @@ def _upcast(x):
     return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
+def _relu_(x):
+    # In place on the fresh FFN hidden state (the largest tensor of a layer); ReLU's backward
+    # needs only its output, so autograd allows it.
+    return F.relu(x, inplace=True)
+
+
+def _add_residual(x, branch):
+    """``x + branch``, written into ``branch`` (the fresh output of a layer) when that keeps the
+    result's dtype: the encoder's (N, S, C) sums then need no new buffer."""
+    if branch.dtype == torch.promote_types(x.dtype, branch.dtype) and branch.shape == x.shape:
+        return branch.add_(x)
+    return x + branch
+
+
+def _is_tracing():
+    compiler = getattr(torch, "compiler", None)
+    compiling = compiler is not None and (
+        compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()
+    )
+    return compiling or torch.jit.is_tracing() or torch.jit.is_scripting()
+
+
 def _activation(name):
     if name == "relu":
-        return F.relu
+        return _relu_
     if name == "gelu":
         return F.gelu
     raise ValueError(f"DeformableTransformer: activation must be 'relu' or 'gelu', got {name!r}")
@@ -90,7 +112,16 @@ class DeformableTransformerEncoderLayer(nn.Module):
         self.dropout3 = nn.Dropout(dropout)
         self.norm2 = nn.LayerNorm(d_model)
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+    def forward(
+        self,
+        src,
+        pos,
+        reference_points,
+        spatial_shapes,
+        level_start_index,
+        padding_mask,
+        level_shapes=None,
+    ):
         """
         Args:
             src (Tensor): (N, S, C) flattened features of all levels.
@@ -99,16 +130,23 @@ class DeformableTransformerEncoderLayer(nn.Module):
             spatial_shapes (Tensor): (L, 2) int64.
             level_start_index (Tensor): (L,) int64.
             padding_mask (Tensor or None): (N, S) bool, True at padding.
+            level_shapes (list[tuple[int, int]] or None): ``spatial_shapes`` as Python ints.
 
         Returns:
             Tensor: (N, S, C).
         """
         attn = self.self_attn(
-            src + pos, reference_points, src, spatial_shapes, level_start_index, padding_mask
+            src + pos,
+            reference_points,
+            src,
+            spatial_shapes,
+            level_start_index,
+            padding_mask,
+            level_shapes=level_shapes,
         )
-        src = self.norm1(src + self.dropout1(attn))
+        src = self.norm1(_add_residual(src, self.dropout1(attn)))
         ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(src + self.dropout3(ffn))
+        return self.norm2(_add_residual(src, self.dropout3(ffn)))
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -161,6 +199,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
         spatial_shapes,
         level_start_index,
         padding_mask,
+        level_shapes=None,
     ):
         """
         Args:
@@ -171,6 +210,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
             spatial_shapes (Tensor): (L, 2) int64.
             level_start_index (Tensor): (L,) int64.
             padding_mask (Tensor or None): (N, S) bool, True at padding.
+            level_shapes (list[tuple[int, int]] or None): ``spatial_shapes`` as Python ints.
 
         Returns:
             Tensor: (N, Q, C).
@@ -186,6 +226,7 @@ class DeformableTransformerDecoderLayer(nn.Module):
             spatial_shapes,
             level_start_index,
             padding_mask,
+            level_shapes=level_shapes,
         )
         tgt = self.norm1(tgt + self.dropout1(attn))
 
@@ -231,7 +272,16 @@ class DeformableTransformerEncoder(nn.Module):
         reference_points = torch.cat(points, 1)
         return reference_points[:, :, None] * valid_ratios[:, None]
 
-    def forward(self, src, pos, reference_points, spatial_shapes, level_start_index, padding_mask):
+    def forward(
+        self,
+        src,
+        pos,
+        reference_points,
+        spatial_shapes,
+        level_start_index,
+        padding_mask,
+        level_shapes=None,
+    ):
         """
         Args:
             src (Tensor): (N, S, C).
@@ -240,6 +290,7 @@ class DeformableTransformerEncoder(nn.Module):
             spatial_shapes (Tensor): (L, 2) int64.
             level_start_index (Tensor): (L,) int64.
             padding_mask (Tensor or None): (N, S) bool, True at padding.
+            level_shapes (list[tuple[int, int]] or None): ``spatial_shapes`` as Python ints.
 
         Returns:
             Tensor: (N, S, C) memory.
@@ -247,7 +298,13 @@ class DeformableTransformerEncoder(nn.Module):
         output = src
         for layer in self.layers:
             output = layer(
-                output, pos, reference_points, spatial_shapes, level_start_index, padding_mask
+                output,
+                pos,
+                reference_points,
+                spatial_shapes,
+                level_start_index,
+                padding_mask,
+                level_shapes,
             )
         return output
 
@@ -275,6 +332,7 @@ class DeformableTransformerDecoder(nn.Module):
         valid_ratios,
         padding_mask,
         bbox_embed=None,
+        level_shapes=None,
     ):
         """
         Args:
@@ -288,6 +346,7 @@ class DeformableTransformerDecoder(nn.Module):
             padding_mask (Tensor or None): (N, S) bool, True at padding.
             bbox_embed (nn.ModuleList or None): when given, ``bbox_embed[i]`` predicts a
                 correction of the references after layer ``i`` (iterative box refinement).
+            level_shapes (list[tuple[int, int]] or None): ``spatial_shapes`` as Python ints.
 
         Returns:
             tuple[Tensor, Tensor]: hidden states (num_layers, N, Q, C) and the references after
@@ -311,6 +370,7 @@ class DeformableTransformerDecoder(nn.Module):
                 spatial_shapes,
                 level_start_index,
                 padding_mask,
+                level_shapes,
             )
             if bbox_embed is not None:
                 delta = _upcast(bbox_embed[lid](output))
@@ -596,6 +656,9 @@ class DeformableTransformer(nn.Module):
         self._check_inputs(srcs, masks, pos_embeds, query_embed, class_embed, bbox_embed)
 
         shapes = [tuple(src.shape[-2:]) for src in srcs]
+        # The attention layers check the value length against these sizes without a device
+        # sync; symbolic sizes (dynamic export) are left to the tracer.
+        level_shapes = shapes if all(type(v) is int for hw in shapes for v in hw) else None
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
         lvl_pos_embed_flatten = torch.cat(
@@ -619,6 +682,12 @@ class DeformableTransformer(nn.Module):
             1,
         )
 
+        # Zeroing the value at padded tokens is a pass over it in every attention layer: a batch
+        # without padding skips it (one host read per forward; traced graphs keep the mask).
+        attn_mask = mask_flatten
+        if not _is_tracing() and not bool(mask_flatten.any()):
+            attn_mask = None
+
         enc_reference_points = self.encoder.get_reference_points(shapes, valid_ratios)
         memory = self.encoder(
             src_flatten,
@@ -626,7 +695,8 @@ class DeformableTransformer(nn.Module):
             enc_reference_points,
             spatial_shapes,
             level_start_index,
-            mask_flatten,
+            attn_mask,
+            level_shapes,
         )
 
         n, _, c = memory.shape
@@ -667,7 +737,8 @@ class DeformableTransformer(nn.Module):
             spatial_shapes,
             level_start_index,
             valid_ratios,
-            mask_flatten,
+            attn_mask,
             bbox_embed=bbox_embed if self.with_box_refine else None,
+            level_shapes=level_shapes,
         )
         return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact

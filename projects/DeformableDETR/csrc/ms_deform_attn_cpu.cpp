@@ -1,0 +1,723 @@
+// CPU kernels of multi-scale deformable attention (float32 and float64; 16-bit inputs are computed
+// in float32).
+//
+// Sampling follows grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False): a
+// normalised location x in [0, 1] maps to the pixel coordinate x * W - 0.5, and corners outside the
+// level contribute zero.
+//
+// Work is split by (batch, head) pairs. In the backward pass each task owns the gradient of
+// value[n, :, m, :] and the location and weight gradients of its head, so no two threads ever
+// write the same element and no atomics are needed. When a head takes more samples than it has
+// rows, value is first transposed to (N, M, S, D): rows M * D elements apart use only a fraction
+// of the cache sets, while a dense head stays in cache.
+//
+// On x86 the per-head loops are compiled three times (baseline, AVX2+FMA, AVX-512) and the widest
+// one the CPU supports is picked at run time, so the extension stays portable.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "ms_deform_attn.h"
+
+#if defined(__GNUC__) && !defined(__clang__)
+// Vector-extension helpers are always inlined, so the ABI of vector arguments never matters.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define DDETR_X86_MULTIVERSION 1
+// The helpers must be inlined into each ISA-specific caller to be compiled for its ISA.
+#define DDETR_INLINE inline __attribute__((always_inline))
+#else
+#define DDETR_INLINE inline
+#endif
+
+namespace deformable_detr {
+
+namespace {
+
+struct Level {
+  int64_t height;
+  int64_t width;
+  int64_t start;
+};
+
+std::vector<Level> read_levels(const at::Tensor& spatial_shapes,
+                               const at::Tensor& level_start_index) {
+  const auto shapes = spatial_shapes.contiguous();
+  const auto starts = level_start_index.contiguous();
+  const int64_t* hw = shapes.data_ptr<int64_t>();
+  const int64_t* start = starts.data_ptr<int64_t>();
+  std::vector<Level> levels(shapes.size(0));
+  for (size_t l = 0; l < levels.size(); ++l) {
+    levels[l] = {hw[2 * l], hw[2 * l + 1], start[l]};
+  }
+  return levels;
+}
+
+// Everything one (batch n, head m) task needs. Pointers are to the whole contiguous tensors,
+// except head_value (row 0 of the head, rows `row` elements apart) and head_grad (a dense (S, D)
+// buffer owned by the task, zero on entry).
+template <typename T>
+struct HeadTask {
+  const T* head_value;
+  int64_t row;
+  const Level* levels;
+  int64_t num_levels;
+  const T* locations;
+  const T* weights;
+  T* output;
+  const T* grad_output;
+  T* head_grad;
+  T* grad_locations;
+  T* grad_weights;
+  int64_t num_queries;
+  int64_t num_heads;
+  int64_t dim;
+  int64_t num_points;
+  int64_t n;
+  int64_t m;
+  int64_t q_begin;
+  int64_t q_end;
+  // Rows of value (S).
+  int64_t max_rows;
+};
+
+// The four corners of one bilinear sample: row indices into the head's values, interpolation
+// weights and whether each corner lies inside the level.
+template <typename T>
+struct Corners {
+  int64_t index[4];
+  T weight[4];
+  bool valid[4];
+  // Fractional parts of the pixel coordinates, kept for the location gradient.
+  T lh, lw;
+};
+
+// Returns false when the sample falls entirely outside the level (or is NaN).
+template <typename T>
+DDETR_INLINE bool bilinear_corners(T x, T y, const Level& level, Corners<T>& c) {
+  const T h_im = y * static_cast<T>(level.height) - static_cast<T>(0.5);
+  const T w_im = x * static_cast<T>(level.width) - static_cast<T>(0.5);
+  if (!(h_im > -1 && w_im > -1 && h_im < level.height && w_im < level.width)) {
+    return false;
+  }
+  const T h_floor = std::floor(h_im), w_floor = std::floor(w_im);
+  const int64_t h_low = static_cast<int64_t>(h_floor), w_low = static_cast<int64_t>(w_floor);
+  c.lh = h_im - h_floor;
+  c.lw = w_im - w_floor;
+  const T hh = 1 - c.lh, hw = 1 - c.lw;
+  const bool top = h_low >= 0, bottom = h_low + 1 < level.height;
+  const bool left = w_low >= 0, right = w_low + 1 < level.width;
+  c.valid[0] = top && left;
+  c.valid[1] = top && right;
+  c.valid[2] = bottom && left;
+  c.valid[3] = bottom && right;
+  c.weight[0] = hh * hw;
+  c.weight[1] = hh * c.lw;
+  c.weight[2] = c.lh * hw;
+  c.weight[3] = c.lh * c.lw;
+  const int64_t base = level.start + h_low * level.width + w_low;
+  c.index[0] = base;
+  c.index[1] = base + 1;
+  c.index[2] = base + level.width;
+  c.index[3] = base + level.width + 1;
+  return true;
+}
+
+// Lanes of the partial sums in dot products: separate accumulators per lane let the compiler
+// vectorise the reduction without reassociating floating-point additions.
+constexpr int kLanes = 16;
+
+// Sum over i of a[i] * b[i] for a channel count known only at run time.
+template <typename T>
+DDETR_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t dim) {
+  T lanes[kLanes] = {0};
+  int64_t i = 0;
+  for (; i + kLanes <= dim; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      lanes[j] += a[i + j] * b[i + j];
+    }
+  }
+  T sum = 0;
+  for (; i < dim; ++i) {
+    sum += a[i] * b[i];
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    sum += lanes[j];
+  }
+  return sum;
+}
+
+// A channel row of kDim elements held in kDim / kLen SIMD vectors of kBytes bytes (GCC/Clang
+// vector extensions, compiled to the widest registers of the calling function's target). Local
+// vectors stay in registers, which an array of scalars behind a pointer does not.
+template <typename T, int kDim, int kBytes>
+struct Row {
+#if defined(__GNUC__)
+  typedef T Vec __attribute__((vector_size(kBytes)));
+  static constexpr int kLen = kBytes / static_cast<int>(sizeof(T));
+#else
+  typedef T Vec;
+  static constexpr int kLen = 1;
+#endif
+  static constexpr int kCount = kDim / kLen;
+  static_assert(kDim % kLen == 0, "the channel count must be a multiple of the vector length");
+  Vec v[kCount];
+
+  DDETR_INLINE static Vec load(const T* p) {
+    Vec x;
+    std::memcpy(&x, p, sizeof(Vec));
+    return x;
+  }
+  DDETR_INLINE static void store(T* p, const Vec& x) { std::memcpy(p, &x, sizeof(Vec)); }
+  DDETR_INLINE static T sum(const Vec& x) {
+    T s = 0;
+    for (int i = 0; i < kLen; ++i) {
+      s += x[i];
+    }
+    return s;
+  }
+  DDETR_INLINE void zero() {
+    for (int j = 0; j < kCount; ++j) {
+      v[j] = Vec{} * 0;
+    }
+  }
+  DDETR_INLINE void load_from(const T* p) {
+    for (int j = 0; j < kCount; ++j) {
+      v[j] = load(p + j * kLen);
+    }
+  }
+  DDETR_INLINE void store_to(T* p) const {
+    for (int j = 0; j < kCount; ++j) {
+      store(p + j * kLen, v[j]);
+    }
+  }
+  // this += w * p[0:kDim]
+  DDETR_INLINE void add_scaled(T w, const T* p) {
+    for (int j = 0; j < kCount; ++j) {
+      v[j] += w * load(p + j * kLen);
+    }
+  }
+  // p[0:kDim] += w * this
+  DDETR_INLINE void add_scaled_to(T w, T* p) const {
+    for (int j = 0; j < kCount; ++j) {
+      store(p + j * kLen, load(p + j * kLen) + w * v[j]);
+    }
+  }
+  // this . p[0:kDim]
+  DDETR_INLINE T dot(const T* p) const {
+    Vec acc = v[0] * load(p);
+    for (int j = 1; j < kCount; ++j) {
+      acc += v[j] * load(p + j * kLen);
+    }
+    return sum(acc);
+  }
+};
+
+#if defined(__GNUC__)
+#define DDETR_STAGED_FORWARD 1
+// Queries with at most this many samples (levels x points) take the staged float32 forward path.
+constexpr int64_t kMaxStaged = 64;
+
+// Float32 forward pass in two stages per query: the bilinear corners and weights of all samples
+// are computed kBytes / 4 samples at a time in SIMD registers, then the weighted corner rows are
+// summed. Needs S < 2^31 (int32 row indices) and at most kMaxStaged samples per query.
+template <int kDim, int kBytes>
+DDETR_INLINE void forward_head_staged(const HeadTask<float>& t) {
+  constexpr int kLen = kBytes / 4;
+  typedef float FVec __attribute__((vector_size(kBytes)));
+  typedef int32_t IVec __attribute__((vector_size(kBytes)));
+  const int64_t samples = t.num_levels * t.num_points;
+  const int64_t padded = (samples + kLen - 1) / kLen * kLen;
+  alignas(64) float level_h[kMaxStaged], level_w[kMaxStaged];
+  alignas(64) int32_t level_hi[kMaxStaged], level_wi[kMaxStaged], level_start[kMaxStaged];
+  alignas(64) float xs[kMaxStaged], ys[kMaxStaged], as[kMaxStaged];
+  alignas(64) float w0[kMaxStaged], w1[kMaxStaged], w2[kMaxStaged], w3[kMaxStaged];
+  alignas(64) int32_t corner[kMaxStaged], mask[kMaxStaged];
+  for (int64_t i = 0; i < padded; ++i) {
+    // Padding samples get a 0 x 0 level, so they are never inside.
+    const bool real = i < samples;
+    const Level& level = t.levels[real ? i / t.num_points : 0];
+    level_hi[i] = real ? static_cast<int32_t>(level.height) : 0;
+    level_wi[i] = real ? static_cast<int32_t>(level.width) : 0;
+    level_start[i] = static_cast<int32_t>(level.start);
+    level_h[i] = static_cast<float>(level_hi[i]);
+    level_w[i] = static_cast<float>(level_wi[i]);
+    xs[i] = ys[i] = as[i] = 0.f;
+  }
+  auto fload = [](const float* p) {
+    FVec x;
+    std::memcpy(&x, p, sizeof(FVec));
+    return x;
+  };
+  auto iload = [](const int32_t* p) {
+    IVec x;
+    std::memcpy(&x, p, sizeof(IVec));
+    return x;
+  };
+  const float* __restrict head_value = t.head_value;
+  const int64_t row = t.row;
+  const FVec zero = FVec{} * 0.f;
+  for (int64_t q = t.q_begin; q < t.q_end; ++q) {
+    const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
+    const float* loc = t.locations + 2 * pair * samples;
+    const float* attn = t.weights + pair * samples;
+    for (int64_t i = 0; i < samples; ++i) {
+      xs[i] = loc[2 * i];
+      ys[i] = loc[2 * i + 1];
+      as[i] = attn[i];
+    }
+    for (int64_t i = 0; i < padded; i += kLen) {
+      const FVec h_im = fload(ys + i) * fload(level_h + i) - 0.5f;
+      const FVec w_im = fload(xs + i) * fload(level_w + i) - 0.5f;
+      // Comparisons with NaN are false: NaN locations are outside.
+      const IVec inside = (h_im > zero - 1.f) & (w_im > zero - 1.f) &
+                          (h_im < fload(level_h + i)) & (w_im < fload(level_w + i));
+      const FVec hc = (FVec)((IVec)h_im & inside);
+      const FVec wc = (FVec)((IVec)w_im & inside);
+      // floor(c) for c > -1: truncate c + 1, then correct the rounding of c + 1 up to an integer.
+      IVec hl = __builtin_convertvector(hc + 1.f, IVec) - 1;
+      IVec wl = __builtin_convertvector(wc + 1.f, IVec) - 1;
+      hl += (hc - __builtin_convertvector(hl, FVec)) < zero;
+      wl += (wc - __builtin_convertvector(wl, FVec)) < zero;
+      const FVec lh = hc - __builtin_convertvector(hl, FVec);
+      const FVec lw = wc - __builtin_convertvector(wl, FVec);
+      const FVec a = (FVec)((IVec)fload(as + i) & inside);
+      const FVec hh = 1.f - lh, hw = 1.f - lw;
+      const FVec top_w = a * hh, bottom_w = a * lh;
+      const FVec r0 = top_w * hw, r1 = top_w * lw, r2 = bottom_w * hw, r3 = bottom_w * lw;
+      std::memcpy(w0 + i, &r0, sizeof(FVec));
+      std::memcpy(w1 + i, &r1, sizeof(FVec));
+      std::memcpy(w2 + i, &r2, sizeof(FVec));
+      std::memcpy(w3 + i, &r3, sizeof(FVec));
+      const IVec hi = iload(level_hi + i), wi = iload(level_wi + i);
+      const IVec top = hl >= 0, bottom = hl + 1 < hi, left = wl >= 0, right = wl + 1 < wi;
+      const IVec mk = (((top & left) & 1) | ((top & right) & 2) | ((bottom & left) & 4) |
+                       ((bottom & right) & 8)) &
+                      inside;
+      const IVec c = iload(level_start + i) + hl * wi + wl;
+      std::memcpy(mask + i, &mk, sizeof(IVec));
+      std::memcpy(corner + i, &c, sizeof(IVec));
+    }
+    Row<float, kDim, kBytes> acc;
+    acc.zero();
+    for (int64_t i = 0; i < samples; ++i) {
+      const int32_t mk = mask[i];
+      if (mk == 0) {
+        continue;
+      }
+      const float* v0 = head_value + static_cast<int64_t>(corner[i]) * row;
+      const float* v2 = v0 + static_cast<int64_t>(level_wi[i]) * row;
+      if (mk == 0xF) {
+        acc.add_scaled(w0[i], v0);
+        acc.add_scaled(w1[i], v0 + row);
+        acc.add_scaled(w2[i], v2);
+        acc.add_scaled(w3[i], v2 + row);
+      } else {
+        if (mk & 1) acc.add_scaled(w0[i], v0);
+        if (mk & 2) acc.add_scaled(w1[i], v0 + row);
+        if (mk & 4) acc.add_scaled(w2[i], v2);
+        if (mk & 8) acc.add_scaled(w3[i], v2 + row);
+      }
+    }
+    acc.store_to(t.output + pair * kDim);
+  }
+}
+#endif
+
+// Forward pass of one head for the queries [q_begin, q_end). kDim > 0 fixes the channel count at
+// compile time (vector registers of kBytes bytes); kDim == 0 reads it from the task.
+template <typename T, int kDim, int kBytes>
+DDETR_INLINE void forward_head(const HeadTask<T>& t) {
+  const int64_t dim = kDim > 0 ? kDim : t.dim;
+  const int64_t samples = t.num_levels * t.num_points;
+#ifdef DDETR_STAGED_FORWARD
+  if constexpr (std::is_same_v<T, float> && kDim > 0) {
+    if (!getenv("DDETR_EXP") && samples <= kMaxStaged && t.max_rows < (int64_t{1} << 31)) {
+      forward_head_staged<kDim, kBytes>(t);
+      return;
+    }
+  }
+#endif
+  const T* __restrict head_value = t.head_value;
+  const int64_t row = t.row;
+  for (int64_t q = t.q_begin; q < t.q_end; ++q) {
+    const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
+    const T* loc = t.locations + 2 * pair * samples;
+    const T* attn = t.weights + pair * samples;
+    T* __restrict out = t.output + pair * dim;
+    Row<T, (kDim > 0 ? kDim : kBytes / sizeof(T)), kBytes> acc;
+    if constexpr (kDim > 0) {
+      acc.zero();
+    } else {
+      std::fill(out, out + dim, T(0));
+    }
+    for (int64_t l = 0; l < t.num_levels; ++l) {
+      const Level& level = t.levels[l];
+      for (int64_t p = 0; p < t.num_points; ++p, loc += 2, ++attn) {
+        Corners<T> c;
+        if (!bilinear_corners(loc[0], loc[1], level, c)) {
+          continue;
+        }
+        const T a = *attn;
+        for (int k = 0; k < 4; ++k) {
+          if (c.valid[k]) {
+            const T w = a * c.weight[k];
+            const T* __restrict v = head_value + c.index[k] * row;
+            if constexpr (kDim > 0) {
+              acc.add_scaled(w, v);
+            } else {
+              for (int64_t i = 0; i < dim; ++i) {
+                out[i] += w * v[i];
+              }
+            }
+          }
+        }
+      }
+    }
+    if constexpr (kDim > 0) {
+      acc.store_to(out);
+    }
+  }
+}
+
+// Backward pass of one head over all queries: accumulates into the task's dense head_grad and
+// writes the location and weight gradients of the head.
+template <typename T, int kDim, int kBytes>
+DDETR_INLINE void backward_head(const HeadTask<T>& t) {
+  const int64_t dim = kDim > 0 ? kDim : t.dim;
+  const int64_t samples = t.num_levels * t.num_points;
+  const T* __restrict head_value = t.head_value;
+  T* __restrict head_grad = t.head_grad;
+  for (int64_t q = 0; q < t.num_queries; ++q) {
+    const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
+    const T* __restrict g = t.grad_output + pair * dim;
+    Row<T, (kDim > 0 ? kDim : kBytes / sizeof(T)), kBytes> g_row;
+    if constexpr (kDim > 0) {
+      g_row.load_from(g);
+    }
+    const T* loc = t.locations + 2 * pair * samples;
+    const T* attn = t.weights + pair * samples;
+    T* grad_loc = t.grad_locations + 2 * pair * samples;
+    T* grad_attn = t.grad_weights + pair * samples;
+    for (int64_t l = 0; l < t.num_levels; ++l) {
+      const Level& level = t.levels[l];
+      for (int64_t p = 0; p < t.num_points; ++p, loc += 2, ++attn, grad_loc += 2, ++grad_attn) {
+        Corners<T> c;
+        if (!bilinear_corners(loc[0], loc[1], level, c)) {
+          grad_loc[0] = 0;
+          grad_loc[1] = 0;
+          *grad_attn = 0;
+          continue;
+        }
+        const T a = *attn;
+        // g . v for every corner; the three gradients are linear combinations of these.
+        T dots[4];
+        for (int k = 0; k < 4; ++k) {
+          dots[k] = 0;
+          if (c.valid[k]) {
+            const T* v = head_value + c.index[k] * t.row;
+            T* gv = head_grad + c.index[k] * dim;
+            const T w = a * c.weight[k];
+            if constexpr (kDim > 0) {
+              dots[k] = g_row.dot(v);
+              g_row.add_scaled_to(w, gv);
+            } else {
+              dots[k] = dot<T>(g, v, dim);
+              for (int64_t i = 0; i < dim; ++i) {
+                gv[i] += w * g[i];
+              }
+            }
+          }
+        }
+        const T hh = 1 - c.lh, hw = 1 - c.lw;
+        *grad_attn = c.weight[0] * dots[0] + c.weight[1] * dots[1] + c.weight[2] * dots[2] +
+                     c.weight[3] * dots[3];
+        // The chain rule through pixel = location * size - 0.5 multiplies by the level size.
+        const T dw = hh * (dots[1] - dots[0]) + c.lh * (dots[3] - dots[2]);
+        const T dh = hw * (dots[2] - dots[0]) + c.lw * (dots[3] - dots[1]);
+        grad_loc[0] = a * dw * static_cast<T>(level.width);
+        grad_loc[1] = a * dh * static_cast<T>(level.height);
+      }
+    }
+  }
+}
+
+template <typename T, int kDim>
+void forward_head_baseline(const HeadTask<T>& t) {
+  forward_head<T, kDim, 16>(t);
+}
+
+template <typename T, int kDim>
+void backward_head_baseline(const HeadTask<T>& t) {
+  backward_head<T, kDim, 16>(t);
+}
+
+#ifdef DDETR_X86_MULTIVERSION
+template <typename T, int kDim>
+__attribute__((target("avx2,fma"))) void forward_head_avx2(const HeadTask<T>& t) {
+  forward_head<T, kDim, 32>(t);
+}
+
+template <typename T, int kDim>
+__attribute__((target("avx2,fma"))) void backward_head_avx2(const HeadTask<T>& t) {
+  backward_head<T, kDim, 32>(t);
+}
+
+template <typename T, int kDim>
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) void forward_head_avx512(
+    const HeadTask<T>& t) {
+  forward_head<T, kDim, 64>(t);
+}
+
+template <typename T, int kDim>
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) void backward_head_avx512(
+    const HeadTask<T>& t) {
+  backward_head<T, kDim, 64>(t);
+}
+#endif
+
+enum class Isa { kBaseline, kAvx2, kAvx512 };
+
+Isa cpu_isa() {
+#ifdef DDETR_X86_MULTIVERSION
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
+      return Isa::kAvx512;
+    }
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+      return Isa::kAvx2;
+    }
+    return Isa::kBaseline;
+  }();
+  return isa;
+#else
+  return Isa::kBaseline;
+#endif
+}
+
+template <typename T, int kDim>
+void run_forward_head(const HeadTask<T>& t) {
+#ifdef DDETR_X86_MULTIVERSION
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return forward_head_avx512<T, kDim>(t);
+    case Isa::kAvx2:
+      return forward_head_avx2<T, kDim>(t);
+    default:
+      break;
+  }
+#endif
+  forward_head_baseline<T, kDim>(t);
+}
+
+template <typename T, int kDim>
+void run_backward_head(const HeadTask<T>& t) {
+#ifdef DDETR_X86_MULTIVERSION
+  switch (cpu_isa()) {
+    case Isa::kAvx512:
+      return backward_head_avx512<T, kDim>(t);
+    case Isa::kAvx2:
+      return backward_head_avx2<T, kDim>(t);
+    default:
+      break;
+  }
+#endif
+  backward_head_baseline<T, kDim>(t);
+}
+
+at::ScalarType compute_type(const at::Tensor& value) {
+  const auto t = value.scalar_type();
+  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+}
+
+void check_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+               const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+               const at::Tensor& attention_weights, const char* op_name) {
+  check_ms_deform_attn_metadata(value, spatial_shapes, level_start_index, sampling_locations,
+                                attention_weights, op_name);
+  TORCH_CHECK(value.device().is_cpu(), op_name, ": expected CPU tensors, got ", value.device());
+  check_ms_deform_attn_levels(spatial_shapes, level_start_index, value.size(1), op_name);
+}
+
+// The dense copy pays for itself once the head takes at least one sample per row.
+bool worth_packing(int64_t num_queries, int64_t num_levels, int64_t num_points, int64_t num_rows,
+                   int64_t num_heads) {
+  return num_heads > 1 && num_queries * num_levels * num_points >= num_rows;
+}
+
+// Runs task(i) for i in [0, num_tasks) on the intra-op threads. Threads take the next task from a
+// shared counter instead of a fixed share, so one slow or descheduled thread does not hold the
+// others back.
+template <typename F>
+void run_tasks(int64_t num_tasks, const F& task) {
+  if (num_tasks <= 0) {
+    return;
+  }
+  const int64_t workers = std::min<int64_t>(num_tasks, at::get_num_threads());
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = next++; i < num_tasks; i = next++) {
+      task(i);
+    }
+  });
+}
+
+// Queries per forward task on dense heads: small enough to balance the threads, large enough that
+// the task overhead is negligible.
+constexpr int64_t kQueryChunk = 512;
+
+}  // namespace
+
+at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
+                                      const at::Tensor& level_start_index,
+                                      const at::Tensor& sampling_locations,
+                                      const at::Tensor& attention_weights) {
+  const char* op_name = "ms_deform_attn_forward";
+  check_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            op_name);
+  const auto ct = compute_type(value);
+  const auto loc = sampling_locations.to(ct).contiguous();
+  const auto attn = attention_weights.to(ct).contiguous();
+  const int64_t n = value.size(0), s = value.size(1), m = value.size(2), d = value.size(3);
+  const int64_t lq = loc.size(1), nl = loc.size(3), p = loc.size(4);
+  auto out = at::empty({n, lq, m * d}, value.options().dtype(ct));
+  if (out.numel() == 0) {
+    return out.to(value.scalar_type());
+  }
+  const auto levels = read_levels(spatial_shapes, level_start_index);
+  const bool pack = worth_packing(lq, nl, p, s, m);
+  // Dense heads: (N, M, S, D), each head's rows D elements apart.
+  const auto v = pack ? value.to(ct).permute({0, 2, 1, 3}).contiguous() : value.to(ct).contiguous();
+  AT_DISPATCH_FLOATING_TYPES(ct, "ms_deform_attn_forward_cpu", [&] {
+    using T = scalar_t;
+    HeadTask<T> base{};
+    base.levels = levels.data();
+    base.num_levels = nl;
+    base.locations = loc.data_ptr<T>();
+    base.weights = attn.data_ptr<T>();
+    base.output = out.data_ptr<T>();
+    base.num_queries = lq;
+    base.num_heads = m;
+    base.dim = d;
+    base.num_points = p;
+    base.max_rows = s;
+    const T* vp = v.data_ptr<T>();
+    auto run = [&](const HeadTask<T>& t) {
+      if (d == 32) {
+        run_forward_head<T, 32>(t);
+      } else {
+        run_forward_head<T, 0>(t);
+      }
+    };
+    if (pack) {
+      const int64_t chunks = (lq + kQueryChunk - 1) / kQueryChunk;
+      run_tasks(n * m * chunks, [&](int64_t task) {
+        const int64_t pair = task / chunks, c = task % chunks;
+        HeadTask<T> t = base;
+        t.n = pair / m;
+        t.m = pair % m;
+        t.head_value = vp + pair * s * d;
+        t.row = d;
+        t.q_begin = c * kQueryChunk;
+        t.q_end = std::min(lq, t.q_begin + kQueryChunk);
+        run(t);
+      });
+    } else {
+      // Few samples per row: read the values in place, split over (batch, query).
+      at::parallel_for(0, n * lq, 16, [&](int64_t begin, int64_t end) {
+        for (int64_t nq = begin; nq < end; ++nq) {
+          HeadTask<T> t = base;
+          t.n = nq / lq;
+          t.q_begin = nq % lq;
+          t.q_end = t.q_begin + 1;
+          t.row = m * d;
+          for (int64_t bm = 0; bm < m; ++bm) {
+            t.m = bm;
+            t.head_value = vp + t.n * s * m * d + bm * d;
+            run(t);
+          }
+        }
+      });
+    }
+  });
+  return out.to(value.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
+    const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
+    const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
+    const at::Tensor& attention_weights) {
+  const char* op_name = "ms_deform_attn_backward";
+  check_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
+            op_name);
+  check_ms_deform_attn_grad_output(grad_output, value, sampling_locations, op_name);
+  const auto ct = compute_type(value);
+  const auto g = grad_output.to(ct).contiguous();
+  const auto loc = sampling_locations.to(ct).contiguous();
+  const auto attn = attention_weights.to(ct).contiguous();
+  const int64_t n = value.size(0), s = value.size(1), m = value.size(2), d = value.size(3);
+  const int64_t lq = loc.size(1), nl = loc.size(3), p = loc.size(4);
+  const bool pack = worth_packing(lq, nl, p, s, m);
+  const auto v = pack ? value.to(ct).permute({0, 2, 1, 3}).contiguous() : value.to(ct).contiguous();
+  // The value gradient is accumulated per head in (N, M, S, D) layout: task (n, m) owns the dense
+  // slab [n, m], so no two threads ever write the same element.
+  auto grad_heads = at::zeros({n, m, s, d}, value.options().dtype(ct));
+  auto grad_loc = at::empty_like(loc);
+  auto grad_attn = at::empty_like(attn);
+  if (grad_heads.numel() > 0) {
+    const auto levels = read_levels(spatial_shapes, level_start_index);
+    AT_DISPATCH_FLOATING_TYPES(ct, "ms_deform_attn_backward_cpu", [&] {
+      using T = scalar_t;
+      HeadTask<T> base{};
+      base.levels = levels.data();
+      base.num_levels = nl;
+      base.locations = loc.data_ptr<T>();
+      base.weights = attn.data_ptr<T>();
+      base.grad_output = g.data_ptr<T>();
+      base.grad_locations = grad_loc.data_ptr<T>();
+      base.grad_weights = grad_attn.data_ptr<T>();
+      base.num_queries = lq;
+      base.num_heads = m;
+      base.dim = d;
+      base.num_points = p;
+      const T* vp = v.data_ptr<T>();
+      T* gp = grad_heads.data_ptr<T>();
+      // One task per (batch, head): it also owns the location and weight gradients of head m.
+      run_tasks(n * m, [&](int64_t pair) {
+        HeadTask<T> t = base;
+        t.n = pair / m;
+        t.m = pair % m;
+        if (pack) {
+          t.head_value = vp + pair * s * d;
+          t.row = d;
+        } else {
+          t.head_value = vp + t.n * s * m * d + t.m * d;
+          t.row = m * d;
+        }
+        t.head_grad = gp + pair * s * d;
+        if (d == 32) {
+          run_backward_head<T, 32>(t);
+        } else {
+          run_backward_head<T, 0>(t);
+        }
+      });
+    });
+  } else {
+    grad_loc.zero_();
+    grad_attn.zero_();
+  }
+  auto grad_value = grad_heads.permute({0, 2, 1, 3}).to(value.scalar_type()).contiguous();
+  return std::make_tuple(grad_value, grad_loc.to(sampling_locations.scalar_type()),
+                         grad_attn.to(attention_weights.scalar_type()));
+}
+
+}  // namespace deformable_detr

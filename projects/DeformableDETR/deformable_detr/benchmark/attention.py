@@ -1,0 +1,226 @@
+"""Benchmark of the multi-scale deformable attention op: compiled kernel against the PyTorch path.
+
+Run ``python -m deformable_detr.benchmark.attention [--threads 2] [--repeat 5] [--device cpu]``.
+Both implementations run side by side in one process on the two shapes of the project's
+benchmark (an 800x1216 image at strides 8/16/32/64, 8 heads x 32 channels, 4 points): the encoder
+(every token is a query) and the decoder (300 queries). Sampling locations are uniform in
+[-0.05, 1.05], so some fall outside the image; attention weights are softmax-normalised.
+
+Times are the best and the median of ``--repeat`` runs after one warm-up; forward+backward
+computes the gradients of value, locations and weights. Peak extra memory is measured for each
+case in a fresh subprocess: on the CPU the peak resident set size above the level reached once the
+inputs exist (the kernel's peak counter is reset there), on CUDA the peak of
+``torch.cuda.max_memory_allocated`` above the allocated inputs.
+"""
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from deformable_detr.layers.ms_deform_attn_func import (
+    _has_compiled_kernel,
+    ms_deform_attn_reference,
+    multi_scale_deformable_attention,
+)
+
+LEVELS = ((100, 152), (50, 76), (25, 38), (13, 19))
+NUM_HEADS, HEAD_DIM, NUM_POINTS = 8, 32, 4
+SHAPES = ("encoder", "decoder")
+IMPLS = {"compiled": multi_scale_deformable_attention, "reference": ms_deform_attn_reference}
+
+
+def make_inputs(shape, device, dtype=torch.float32, seed=0):
+    """Inputs of the ``encoder`` or ``decoder`` benchmark shape.
+
+    Args:
+        shape (str): "encoder" (queries = all tokens) or "decoder" (300 queries).
+        device (str): torch device.
+        dtype (torch.dtype): dtype of every floating-point input.
+        seed (int): random seed.
+
+    Returns:
+        tuple: value, spatial_shapes, level_start_index, sampling_locations, attention_weights.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    spatial_shapes = torch.tensor(LEVELS, dtype=torch.int64)
+    sizes = spatial_shapes.prod(1)
+    level_start_index = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)[:-1]])
+    num_tokens = int(sizes.sum())
+    num_queries = num_tokens if shape == "encoder" else 300
+    num_levels = len(LEVELS)
+    value = torch.randn(1, num_tokens, NUM_HEADS, HEAD_DIM, generator=gen, dtype=dtype)
+    locations = torch.rand(
+        1, num_queries, NUM_HEADS, num_levels, NUM_POINTS, 2, generator=gen, dtype=dtype
+    )
+    locations = locations * 1.1 - 0.05
+    logits = torch.randn(1, num_queries, NUM_HEADS, num_levels * NUM_POINTS, generator=gen)
+    weights = logits.softmax(-1).view(1, num_queries, NUM_HEADS, num_levels, NUM_POINTS)
+    tensors = (value, spatial_shapes, level_start_index, locations, weights.to(dtype))
+    return tuple(t.to(device) for t in tensors)
+
+
+def _sync(device):
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def _run(fn, inputs, backward):
+    if not backward:
+        with torch.no_grad():
+            return fn(*inputs)
+    value, shapes, starts, locations, weights = inputs
+    leaves = [t.detach().requires_grad_() for t in (value, locations, weights)]
+    out = fn(leaves[0], shapes, starts, leaves[1], leaves[2])
+    out.backward(torch.ones_like(out))
+    return [t.grad for t in leaves]
+
+
+def time_cases(device, repeat):
+    """Time every (shape, mode, implementation); implementations alternate within a repeat.
+
+    Returns:
+        dict: (shape, mode, impl) -> list of seconds.
+    """
+    times = {}
+    for shape in SHAPES:
+        inputs = make_inputs(shape, device)
+        for backward in (False, True):
+            mode = "fwd+bwd" if backward else "fwd"
+            for fn in IMPLS.values():
+                _run(fn, inputs, backward)  # warm-up
+            for _ in range(repeat):
+                for impl, fn in IMPLS.items():
+                    _sync(device)
+                    start = time.perf_counter()
+                    _run(fn, inputs, backward)
+                    _sync(device)
+                    times.setdefault((shape, mode, impl), []).append(time.perf_counter() - start)
+    return times
+
+
+def _rss_kib(field):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def measure_memory_child(shape, impl, mode, device, threads):
+    """Peak extra memory (bytes) of one case; meant to run in a fresh process."""
+    torch.set_num_threads(threads)
+    inputs = make_inputs(shape, device)
+    backward = mode == "fwd+bwd"
+    fn = IMPLS[impl]
+    if device == "cuda":
+        _run(fn, make_inputs("decoder", device), backward)  # load kernels before measuring
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        _run(fn, inputs, backward)
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base
+    # A small call first, so that one-time allocations (kernels, thread pools) are not counted.
+    _run(fn, make_inputs("decoder", device), backward)
+    # Writing 5 to clear_refs resets the peak resident set size (VmHWM) to the current size.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _rss_kib("VmRSS")
+    _run(fn, inputs, backward)
+    return (_rss_kib("VmHWM") - base) * 1024
+
+
+def measure_memory(shape, impl, mode, device, threads):
+    cmd = [sys.executable, "-m", "deformable_detr.benchmark.attention", "--device", device]
+    cmd += ["--threads", str(threads), "--memory-child", shape, impl, mode]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])["peak_bytes"]
+
+
+def format_table(times, memory, threads, device, repeat):
+    lines = [
+        f"multi-scale deformable attention, device={device}, threads={threads}, "
+        f"repeat={repeat} (best / median seconds; ratio = reference / compiled)",
+        f"{'shape':<8} {'mode':<8} {'compiled best':>13} {'median':>9} {'reference best':>14} "
+        f"{'median':>9} {'ratio best':>10} {'median':>7} {'mem compiled':>12} {'reference':>10} "
+        f"{'mem ratio':>9}",
+    ]
+    for shape in SHAPES:
+        for mode in ("fwd", "fwd+bwd"):
+            c = times[(shape, mode, "compiled")]
+            r = times[(shape, mode, "reference")]
+            mc = memory.get((shape, mode, "compiled"))
+            mr = memory.get((shape, mode, "reference"))
+            mem = (
+                f"{mc / 2**20:10.1f}MB {mr / 2**20:8.1f}MB {mc / max(mr, 1):9.3f}"
+                if mc is not None
+                else f"{'-':>12} {'-':>10} {'-':>9}"
+            )
+            lines.append(
+                f"{shape:<8} {mode:<8} {min(c):13.4f} {statistics.median(c):9.4f} "
+                f"{min(r):14.4f} {statistics.median(r):9.4f} {min(r) / min(c):9.1f}x "
+                f"{statistics.median(r) / statistics.median(c):6.1f}x {mem}"
+            )
+    lines.append(
+        "memory: peak extra "
+        + (
+            "torch.cuda.max_memory_allocated above the inputs"
+            if device == "cuda"
+            else "resident set size (VmHWM - VmRSS) above the inputs"
+        )
+        + ", each case in a fresh subprocess (mem ratio = compiled / reference)"
+    )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--threads", type=int, default=2, help="CPU threads (torch.set_num_threads)"
+    )
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs per case")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument(
+        "--memory-child", nargs=3, metavar=("SHAPE", "IMPL", "MODE"), help=argparse.SUPPRESS
+    )
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch.cuda.is_available() is False")
+
+    if args.memory_child:
+        shape, impl, mode = args.memory_child
+        peak = measure_memory_child(shape, impl, mode, args.device, args.threads)
+        print(json.dumps({"peak_bytes": peak}))
+        return
+
+    if not _has_compiled_kernel(args.device):
+        print(
+            f"warning: deformable_detr._C has no {args.device} kernel; 'compiled' below is the "
+            "reference path",
+            file=sys.stderr,
+        )
+    torch.set_num_threads(args.threads)
+    times = time_cases(args.device, args.repeat)
+    memory = {}
+    if not args.no_memory:
+        for shape in SHAPES:
+            for mode in ("fwd", "fwd+bwd"):
+                for impl in IMPLS:
+                    memory[(shape, mode, impl)] = measure_memory(
+                        shape, impl, mode, args.device, args.threads
+                    )
+    print(format_table(times, memory, torch.get_num_threads(), args.device, args.repeat))
+
+
+if __name__ == "__main__":
+    main()

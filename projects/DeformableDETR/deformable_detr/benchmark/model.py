@@ -1,0 +1,289 @@
+"""Whole-model inference benchmark: this project's Deformable DETR against HF transformers.
+
+Run ``python -m deformable_detr.benchmark.model [--variants r50 ...] [--batch 1 4] [--repeat 5]
+[--threads 2] [--check] [--memory]``.
+
+For every variant the project's model (built from its YAML) and HF transformers'
+``DeformableDetrForObjectDetection`` with the same architecture (random weights, timm ResNet-50
+backbone with frozen batch norm, ``use_pretrained_backbone=False``) run on the same 800x1216
+image(s), both in eval mode under ``torch.inference_mode``. Each timed call covers what a user
+pays for one batch: normalisation, the network and the top-100 post-processing (Detectron2's
+``detector_postprocess`` here, ``post_process_object_detection`` for HF). After one warm-up call
+each, the two models run alternately for ``--repeat`` rounds, so a noisy shared machine slows both
+alike; the table gives the median seconds per image and the ratio of the medians.
+
+``--memory`` measures the peak resident set size (``ru_maxrss``) of a fresh subprocess per model
+that imports the same packages, builds the model, makes the inputs and runs one inference; it also
+prints the peak above the resident size just before that inference (the activations and
+workspace). ``--check`` converts the HF model's weights with
+:func:`deformable_detr.checkpoint.convert_hf_state_dict`, loads them into the project's model and
+compares the top-100 detections.
+"""
+
+import argparse
+import functools
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+# Name -> (YAML under configs/, DeformableDetrConfig overrides).
+VARIANTS = {
+    "r50": ("r50.yaml", {}),
+    "r50_box_refine": ("r50_box_refine.yaml", {"with_box_refine": True}),
+    "r50_two_stage": ("r50_two_stage.yaml", {"with_box_refine": True, "two_stage": True}),
+    "r50_single_scale": ("r50_single_scale.yaml", {"num_feature_levels": 1}),
+    "r50_single_scale_dc5": (
+        "r50_single_scale_dc5.yaml",
+        {"num_feature_levels": 1, "dilation": True},
+    ),
+}
+HEIGHT, WIDTH = 800, 1216
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
+
+
+def build_ours(variant, opts=()):
+    """The project's model of ``variant`` in eval mode, random weights.
+
+    Args:
+        variant (str): a key of :data:`VARIANTS`.
+        opts (list[str]): extra config overrides.
+
+    Returns:
+        nn.Module
+    """
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from deformable_detr import add_deformable_detr_config
+
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    cfg.merge_from_file(os.path.join(CONFIG_DIR, VARIANTS[variant][0]))
+    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts))
+    torch.manual_seed(0)
+    return build_model(cfg).eval()
+
+
+def build_hf(variant, **overrides):
+    """HF transformers' model of ``variant`` (91 COCO labels) in eval mode, random weights.
+
+    Args:
+        variant (str): a key of :data:`VARIANTS`.
+        overrides: extra ``DeformableDetrConfig`` arguments.
+
+    Returns:
+        DeformableDetrForObjectDetection
+    """
+    from transformers import DeformableDetrConfig, DeformableDetrForObjectDetection
+
+    kwargs = dict(VARIANTS[variant][1], **overrides)
+    config = DeformableDetrConfig(use_pretrained_backbone=False, num_labels=91, **kwargs)
+    torch.manual_seed(0)
+    model = DeformableDetrForObjectDetection(config).eval()
+    _check_hf_frozen_bn(model)
+    return model
+
+
+def _check_hf_frozen_bn(model):
+    # HF swaps every BatchNorm2d of the backbone for its frozen version; a trainable BN left in
+    # would make the comparison unfair (and the outputs batch dependent).
+    bn = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    if bn:
+        raise RuntimeError(f"HF backbone still has batch-norm layers that are not frozen: {bn[:3]}")
+
+
+def make_images(batch, seed=0):
+    """``batch`` random RGB images (3, HEIGHT, WIDTH) with values in [0, 255]."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (3, HEIGHT, WIDTH), generator=g).float() for _ in range(batch)]
+
+
+def run_ours(model, images):
+    """One inference call of the project's model: top-100 detections per image."""
+    inputs = [{"image": im, "height": HEIGHT, "width": WIDTH} for im in images]
+    return [r["instances"] for r in model(inputs)]
+
+
+def run_hf(model, images):
+    """One inference call of the HF model: normalisation, network, top-100 post-processing."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    pixel_values = torch.stack([(im / 255.0 - mean) / std for im in images])
+    pixel_mask = torch.ones((len(images), HEIGHT, WIDTH), dtype=torch.long)
+    outputs = model(pixel_values=pixel_values, pixel_mask=pixel_mask)
+    return _hf_processor().post_process_object_detection(
+        outputs, threshold=-1.0, target_sizes=[(HEIGHT, WIDTH)] * len(images), top_k=100
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _hf_processor():
+    from transformers import DeformableDetrImageProcessor
+
+    return DeformableDetrImageProcessor()
+
+
+def _time(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def measure_speed(variant, batch, repeat):
+    """Median seconds per image of both models, measured alternately in this process.
+
+    Returns:
+        dict: "ours" and "hf" medians (s/image), their ratio and every round's times.
+    """
+    ours, hf = build_ours(variant), build_hf(variant)
+    images = make_images(batch)
+    calls = {"ours": lambda: run_ours(ours, images), "hf": lambda: run_hf(hf, images)}
+    times = {"ours": [], "hf": []}
+    with torch.inference_mode():
+        for fn in calls.values():
+            fn()
+        for r in range(repeat):
+            # Alternate which one goes first so that a drift in the machine's load hits both.
+            order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")
+            for name in order:
+                times[name].append(_time(calls[name]) / batch)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {
+        "ours": med["ours"],
+        "hf": med["hf"],
+        "speedup": med["hf"] / med["ours"],
+        "times": times,
+    }
+
+
+def _rss_mib():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _memory_child(impl, variant, batch, threads):
+    torch.set_num_threads(threads)
+    # Both children import the same packages, so the peaks differ only by the model.
+    import transformers.models.deformable_detr.modeling_deformable_detr  # noqa: F401
+
+    import deformable_detr  # noqa: F401
+
+    model = build_ours(variant) if impl == "ours" else build_hf(variant)
+    images = make_images(batch)
+    before = _rss_mib()
+    with torch.inference_mode():
+        (run_ours if impl == "ours" else run_hf)(model, images)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_mib": peak, "extra_mib": max(0.0, peak - before)}))
+
+
+def measure_memory(impl, variant, batch, threads):
+    """Peak RSS of a fresh process running one inference of ``impl`` ("ours" or "hf").
+
+    Returns:
+        dict: "peak_mib" (whole process) and "extra_mib" (above the level before the inference).
+    """
+    cmd = [sys.executable, "-m", "deformable_detr.benchmark.model", "--_memory-child"]
+    cmd += [impl, variant, str(batch), str(threads)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def check_detections(variant, height=HEIGHT, width=WIDTH):
+    """Load the HF model's weights (converted) into the project's model and compare detections.
+
+    Returns:
+        dict: largest score and box differences, and whether the labels are identical.
+    """
+    from deformable_detr.checkpoint import COCO_CATEGORY_IDS, convert_hf_state_dict
+
+    hf = build_hf(variant)
+    # Spread the class head so that the top-100 scores are well apart (ties would make the
+    # order of equal scores, not the models, decide the comparison).
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "class_embed" in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.2)
+    state_dict, report = convert_hf_state_dict(hf.state_dict(), hf.config.to_dict())
+    ours = build_ours(variant)
+    incompatible = ours.load_state_dict(state_dict, strict=False)
+    missing = [k for k in incompatible.missing_keys if not k.endswith("num_batches_tracked")]
+    if missing or incompatible.unexpected_keys:
+        raise RuntimeError(
+            f"converted HF weights do not fit the {variant} model: missing {missing[:5]}, "
+            f"unexpected {incompatible.unexpected_keys[:5]}"
+        )
+    g = torch.Generator().manual_seed(2)
+    image = torch.randint(0, 256, (3, height, width), generator=g).float()
+    with torch.inference_mode():
+        mine = ours([{"image": image, "height": height, "width": width}])[0]["instances"]
+        mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+        out = hf(pixel_values=((image / 255.0 - mean) / std)[None])
+        logits = out.logits[..., list(COCO_CATEGORY_IDS)]
+        prob = logits.sigmoid().flatten(1)
+        scores, index = prob.topk(100, dim=1)
+        query = index // logits.shape[-1]
+        labels = index % logits.shape[-1]
+        cx, cy, w, h = out.pred_boxes[0, query[0]].unbind(-1)
+        boxes = torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], -1)
+        boxes = boxes * torch.tensor([width, height, width, height])
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, width)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, height)
+    return {
+        "labels_equal": bool(torch.equal(mine.pred_classes, labels[0])),
+        "max_score_diff": float((mine.scores - scores[0]).abs().max()),
+        "max_box_diff_px": float((mine.pred_boxes.tensor - boxes).abs().max()),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--variants", nargs="+", default=["r50"], choices=sorted(VARIANTS))
+    parser.add_argument("--batch", nargs="+", type=int, default=[1])
+    parser.add_argument("--repeat", type=int, default=5, help="alternating timed rounds")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument("--memory", action="store_true", help="peak RSS, one subprocess each")
+    parser.add_argument("--check", action="store_true", help="compare detections on HF weights")
+    parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args._memory_child:
+        impl, variant, batch, threads = args._memory_child
+        _memory_child(impl, variant, int(batch), int(threads))
+        return
+    torch.set_num_threads(args.threads)
+
+    print(
+        f"CPU inference, {HEIGHT}x{WIDTH} images, {args.threads} threads, median of "
+        f"{args.repeat} alternating rounds after one warm-up; torch {torch.__version__}"
+    )
+    header = "| variant | batch | ours s/img | HF s/img | speedup |"
+    if args.memory:
+        header += " ours peak / extra MiB | HF peak / extra MiB |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for variant in args.variants:
+        for batch in args.batch:
+            r = measure_speed(variant, batch, args.repeat)
+            row = f"| {variant} | {batch} | {r['ours']:.3f} | {r['hf']:.3f} | {r['speedup']:.2f}x |"
+            if args.memory:
+                for impl in ("ours", "hf"):
+                    m = measure_memory(impl, variant, batch, args.threads)
+                    row += f" {m['peak_mib']:.0f} / {m['extra_mib']:.0f} |"
+            print(row, flush=True)
+    if args.check:
+        for variant in args.variants:
+            print(f"check {variant}: {json.dumps(check_detections(variant))}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,460 @@
+"""Deployment of a built ``DeformableDETR``: a tensor-in / tensor-out wrapper and its exporters.
+
+``DeformableDetrExportWrapper`` runs the whole detector, from an image tensor to the top-K
+detections, without Detectron2 structures. ``export_model`` saves it in one of three formats:
+
+- ``exported-program``: a ``torch.export`` program (``.pt2``), fixed or dynamic image size, with
+  the deformable attention as the registered op ``torch.ops.deformable_detr.ms_deform_attn_forward``;
+- ``torchscript``: a traced module (``.ts``) holding the same op, fixed image size;
+- ``onnx``: an ONNX graph (``.onnx``, opset ``ONNX_OPSET``), fixed image size, where the op is
+  written as its reference computation in standard operators (one ``GridSample`` per level), so
+  that any ONNX runtime runs it.
+
+``load_exported`` runs a saved file back with its own runtime (``torch.export.load``,
+``torch.jit.load``, onnxruntime).
+"""
+
+import contextlib
+import logging
+import os
+import warnings
+
+import torch
+from torch import nn
+from torchvision.ops import box_convert
+
+from .modeling import transformer as _transformer_module
+from .modeling.transformer import inverse_sigmoid
+
+__all__ = [
+    "DeformableDetrExportWrapper",
+    "EXPORT_FORMATS",
+    "ONNX_OPSET",
+    "OUTPUT_NAMES",
+    "export_model",
+    "export_program",
+    "save_exported",
+    "load_exported",
+    "min_dynamic_size",
+]
+
+logger = logging.getLogger(__name__)
+
+EXPORT_FORMATS = ("torchscript", "onnx", "exported-program")
+# GridSample, which the ONNX form of the attention op uses, exists from opset 16 on.
+ONNX_OPSET = 17
+FILE_NAMES = {
+    "torchscript": "model.ts",
+    "onnx": "model.onnx",
+    "exported-program": "model.pt2",
+}
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("boxes", "scores", "classes")
+_OP_NAME = "deformable_detr::ms_deform_attn_forward"
+
+
+class DeformableDetrExportWrapper(nn.Module):
+    """The detector as a function of image tensors only.
+
+    Runs what ``DeformableDETR.forward`` runs at inference on one image, or on a batch of images
+    of one size: normalisation, backbone and input projections, position encoding, transformer,
+    the last decoder layer's heads and the top-K selection over queries x classes. Nothing is
+    padded, so every feature level is valid everywhere, as for a single image in the eager model.
+
+    Boxes are in the pixels of the input image: the caller maps them back to the original
+    picture if it resized it. For a single image they are clipped to the image and empty ones
+    are dropped, as ``detector_postprocess`` does; for a batch every image keeps its K rows
+    (clipped; empty boxes, which sigmoid boxes only give through float underflow, are kept).
+    """
+
+    def __init__(self, model):
+        """
+        Args:
+            model (DeformableDETR): a built detector; put it in eval mode before exporting.
+        """
+        super().__init__()
+        body = model.backbone.body
+        divisibility = _body_divisibility(body)
+        if divisibility > 1:
+            raise ValueError(
+                f"cannot export a DeformableDETR whose backbone {type(body).__name__} needs inputs "
+                f"padded to a multiple of {divisibility}: the padding would be seen as image "
+                "content. Export supports backbones without a size constraint (ResNet)."
+            )
+        self.model = model
+
+    def _features(self, x):
+        # The backbone adapter's per-level computation for one unpadded size; its forward takes
+        # an ImageList and reads the sizes as Python ints, which a dynamic export cannot do.
+        backbone = self.model.backbone
+        feats = backbone.body(x)
+        srcs = [proj(feats[name]) for proj, name in zip(backbone.input_proj, backbone.in_features)]
+        prev = feats[backbone.in_features[-1]]
+        for proj in backbone.input_proj[len(backbone.in_features) :]:
+            prev = proj(prev)
+            srcs.append(prev)
+        return srcs
+
+    def forward(self, image):
+        """
+        Args:
+            image (Tensor): (C, H, W) or (N, C, H, W) image(s) in the model's input format
+                (INPUT.FORMAT channel order, 0-255), any real dtype.
+
+        Returns:
+            tuple[Tensor, Tensor, Tensor]: boxes (K, 4) XYXY in input pixels, scores (K,) and
+            classes (K,) int64 in 0..NUM_CLASSES-1, by decreasing score; for a batched input
+            (N, K, 4), (N, K) and (N, K).
+        """
+        model = self.model
+        channels = model.pixel_mean.shape[0]
+        single = image.dim() == 3
+        images = image[None] if single else image
+        if images.dim() != 4 or images.shape[1] != channels:
+            raise ValueError(
+                f"image must be ({channels}, H, W) or (N, {channels}, H, W), "
+                f"got {tuple(image.shape)}"
+            )
+        x = (images.to(model.pixel_mean.dtype) - model.pixel_mean) / model.pixel_std
+        srcs = self._features(x)
+        masks = [torch.zeros_like(s[:, 0], dtype=torch.bool) for s in srcs]
+        pos = [model.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
+        query_embed = None if model.two_stage else model.query_embed.weight
+        hs, init_reference, inter_references, _, _ = model.transformer(
+            srcs, masks, pos, query_embed, model.class_embed, model.bbox_embed
+        )
+
+        # Inference reads the last decoder layer only; the same head arithmetic as forward_raw.
+        last = hs.shape[0] - 1
+        reference = inverse_sigmoid(init_reference if last == 0 else inter_references[last - 1])
+        logits = model.class_embed[last](hs[last])
+        delta = model.bbox_embed[last](hs[last])
+        if reference.shape[-1] == 4:
+            delta = delta + reference
+        else:
+            delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], dim=-1)
+        boxes = delta.sigmoid()
+
+        num_classes = logits.shape[-1]
+        prob = logits.sigmoid().flatten(1)
+        k = min(model.detections_per_image, prob.shape[1])
+        scores, index = prob.topk(k, dim=1)
+        query = torch.div(index, num_classes, rounding_mode="floor")
+        classes = index % num_classes
+        boxes = box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
+        boxes = torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))
+        height, width = images.shape[-2:]
+        # torch.full follows symbolic sizes in a dynamic export; a Python list would freeze them.
+        limits = torch.stack(
+            [torch.full((), v, dtype=boxes.dtype, device=boxes.device) for v in (width, height)]
+        ).repeat(2)
+        boxes = boxes * limits
+        # The clipping of detector_postprocess, whose scale is 1 for outputs in input pixels.
+        boxes = torch.minimum(boxes.clamp(min=0), limits)
+        if not single:
+            return boxes, scores, classes
+        boxes, scores, classes = boxes[0], scores[0], classes[0]
+        keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        return boxes[keep], scores[keep], classes[keep]
+
+
+def _body_divisibility(body):
+    constraints = getattr(body, "padding_constraints", None) or {}
+    return int(constraints.get("size_divisibility", getattr(body, "size_divisibility", 0)) or 0)
+
+
+def min_dynamic_size(model):
+    """Smallest image side a dynamic export accepts.
+
+    The coarsest level must be at least 2x2 (a 1x1 map is a special case for the shape solver),
+    and in two-stage mode the encoder must have as many tokens as proposals are kept.
+
+    Args:
+        model (DeformableDETR): the detector.
+
+    Returns:
+        int: the smallest height and width.
+    """
+    strides = [s.stride for s in model.backbone.output_shape()]
+    side = max(strides) + 1
+    if model.two_stage:
+        wanted = model.transformer.two_stage_num_proposals
+
+        def tokens(n):
+            return sum(-((-n // s) ** 2) for s in strides)
+
+        while tokens(side) < wanted:
+            side += 1
+    return side
+
+
+class _TorchWithSymbolicAsTensor:
+    """The ``torch`` module, except that ``as_tensor`` of a list holding symbolic sizes builds the
+    tensor with ``torch.tensor``, which keeps them symbolic (``as_tensor`` freezes them)."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def as_tensor(data, *args, **kwargs):
+        if isinstance(data, (list, tuple)) and _holds_symint(data):
+            return torch.tensor(data, *args, **kwargs)
+        return torch.as_tensor(data, *args, **kwargs)
+
+
+def _holds_symint(data):
+    if isinstance(data, (list, tuple)):
+        return any(_holds_symint(v) for v in data)
+    return isinstance(data, torch.SymInt)
+
+
+@contextlib.contextmanager
+def _symbolic_level_shapes():
+    # DeformableTransformer.forward builds spatial_shapes with torch.as_tensor, which turns the
+    # symbolic level sizes of a dynamic export into constants; only that module sees the stand-in.
+    saved = _transformer_module.torch
+    _transformer_module.torch = _TorchWithSymbolicAsTensor()
+    try:
+        yield
+    finally:
+        _transformer_module.torch = saved
+
+
+def _check_exportable(wrapper):
+    if not hasattr(torch.ops.deformable_detr, "ms_deform_attn_forward"):
+        raise RuntimeError(
+            "export needs the compiled deformable attention op (deformable_detr._C), which is not "
+            "built: run `pip install -e .` in the repository root"
+        )
+    if wrapper.training:
+        raise ValueError("the model is in training mode: call .eval() before exporting it")
+
+
+def _check_image(image, channels):
+    if not isinstance(image, torch.Tensor) or image.dim() != 3 or image.shape[0] != channels:
+        got = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise ValueError(f"the sample image must be a ({channels}, H, W) tensor, got {got}")
+    if not image.dtype.is_floating_point:
+        raise ValueError(f"the sample image must be a float tensor, got {image.dtype}")
+
+
+def export_program(wrapper, image, dynamic=False):
+    """Export the wrapper with ``torch.export``.
+
+    Args:
+        wrapper (DeformableDetrExportWrapper): the detector, in eval mode.
+        image (Tensor): (C, H, W) float sample image.
+        dynamic (bool): let height and width vary from ``min_dynamic_size`` to 8192 pixels;
+            otherwise the program only accepts the sample's size.
+
+    Returns:
+        torch.export.ExportedProgram: the program, with the deformable attention as
+        ``torch.ops.deformable_detr.ms_deform_attn_forward``.
+    """
+    _check_exportable(wrapper)
+    _check_image(image, wrapper.model.pixel_mean.shape[0])
+    dynamic_shapes = None
+    if dynamic:
+        low = min_dynamic_size(wrapper.model)
+        if min(image.shape[-2:]) < low:
+            raise ValueError(
+                f"a dynamic export needs a sample image of at least {low}x{low} pixels for this "
+                f"model, got {tuple(image.shape[-2:])}"
+            )
+        height = torch.export.Dim("height", min=low, max=8192)
+        width = torch.export.Dim("width", min=low, max=8192)
+        dynamic_shapes = ({1: height, 2: width},)
+    with torch.no_grad(), _symbolic_level_shapes():
+        return torch.export.export(wrapper, (image,), dynamic_shapes=dynamic_shapes)
+
+
+def _trace_program(program, image):
+    module = program.module()
+    # Saved tensors should not carry autograd state into the traced module.
+    for p in module.parameters():
+        p.requires_grad_(False)
+    with torch.no_grad(), warnings.catch_warnings():
+        # The program's own input-shape checks are what the tracer warns about: the traced module
+        # is meant for the sample's size only.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        return torch.jit.trace(module, (image,), check_trace=False)
+
+
+def _register_onnx_symbolic():
+    from torch.onnx import register_custom_op_symbolic
+
+    register_custom_op_symbolic(_OP_NAME, _onnx_ms_deform_attn, ONNX_OPSET)
+
+
+def save_exported(program, fmt, image, output_dir):
+    """Write a ``torch.export`` program of the detector in the given format.
+
+    TorchScript and ONNX are traced from the program (aten operators and the registered
+    attention op), so they never trace the model's Python control flow; they keep the size of
+    ``image``, which must be one the program accepts.
+
+    Args:
+        program (torch.export.ExportedProgram): from ``export_program``.
+        fmt (str): one of ``EXPORT_FORMATS``.
+        image (Tensor): (C, H, W) float image the traced formats are made for.
+        output_dir (str): folder for the file (created if needed).
+
+    Returns:
+        str: path of the written file (``FILE_NAMES[fmt]`` in ``output_dir``).
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: choose one of {EXPORT_FORMATS}")
+    os.makedirs(output_dir, exist_ok=True)
+    path = os.path.join(output_dir, FILE_NAMES[fmt])
+    if fmt == "exported-program":
+        torch.export.save(program, path)
+    elif fmt == "torchscript":
+        _trace_program(program, image).save(path)
+    else:
+        _register_onnx_symbolic()
+        traced = _trace_program(program, image)
+        with torch.no_grad(), warnings.catch_warnings():
+            # A traced module has no Python signature to read the input names from.
+            warnings.filterwarnings("ignore", message="no signature found")
+            torch.onnx.export(
+                traced,
+                (image,),
+                path,
+                dynamo=False,
+                opset_version=ONNX_OPSET,
+                input_names=[INPUT_NAME],
+                output_names=list(OUTPUT_NAMES),
+            )
+    logger.info(f"Exported the detector as {fmt} to {path}")
+    return path
+
+
+def export_model(model, fmt, image, output_dir, dynamic=False):
+    """Export a built detector to ``output_dir`` in the given format.
+
+    Args:
+        model (DeformableDETR): the detector; it is put in eval mode.
+        fmt (str): one of ``EXPORT_FORMATS``.
+        image (Tensor): (C, H, W) float sample image in the model's input format; TorchScript
+            and ONNX files accept its size only.
+        output_dir (str): folder for the file (created if needed).
+        dynamic (bool): export for any image size (``exported-program`` only).
+
+    Returns:
+        str: path of the written file (``FILE_NAMES[fmt]`` in ``output_dir``).
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown export format {fmt!r}: choose one of {EXPORT_FORMATS}")
+    if dynamic and fmt != "exported-program":
+        raise ValueError(
+            f"a dynamic image size is only supported by the exported-program format: {fmt} is "
+            "traced at the sample image's size (export one file per input size instead)"
+        )
+    wrapper = DeformableDetrExportWrapper(model).eval()
+    program = export_program(wrapper, image, dynamic=dynamic)
+    return save_exported(program, fmt, image, output_dir)
+
+
+def _format_of(path):
+    for fmt, name in FILE_NAMES.items():
+        if path.endswith(os.path.splitext(name)[1]):
+            return fmt
+    raise ValueError(
+        f"cannot tell the format of {path!r} from its extension: expected one of "
+        f"{sorted(os.path.splitext(n)[1] for n in FILE_NAMES.values())}"
+    )
+
+
+class _OnnxRunner:
+    """Runs an ONNX file with onnxruntime, tensors in and out."""
+
+    def __init__(self, path, num_threads=None):
+        import onnxruntime
+
+        options = onnxruntime.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+            options.inter_op_num_threads = 1
+        self.session = onnxruntime.InferenceSession(
+            path, options, providers=["CPUExecutionProvider"]
+        )
+
+    def __call__(self, image):
+        feed = {INPUT_NAME: image.detach().cpu().float().numpy()}
+        return tuple(torch.from_numpy(x) for x in self.session.run(list(OUTPUT_NAMES), feed))
+
+
+def load_exported(path, fmt=None, num_threads=None):
+    """Load an exported detector with its format's runtime.
+
+    Loading a TorchScript file or a program needs the attention op registered, which importing
+    this module does (it loads ``deformable_detr._C``); ONNX needs onnxruntime only.
+
+    Args:
+        path (str): file written by ``export_model``.
+        fmt (str or None): one of ``EXPORT_FORMATS``; None guesses it from the extension.
+        num_threads (int or None): onnxruntime's intra-op threads (ONNX only); None keeps the
+            runtime's default.
+
+    Returns:
+        callable: maps a (C, H, W) float image to (boxes, scores, classes) tensors.
+    """
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"exported model file {path!r} does not exist")
+    fmt = fmt or _format_of(path)
+    if fmt == "exported-program":
+        module = torch.export.load(path).module()
+        for p in module.parameters():
+            p.requires_grad_(False)
+        return module
+    if fmt == "torchscript":
+        return torch.jit.load(path)
+    if fmt == "onnx":
+        return _OnnxRunner(path, num_threads)
+    raise ValueError(f"unknown export format {fmt!r}: choose one of {EXPORT_FORMATS}")
+
+
+def _onnx_ms_deform_attn(g, value, spatial_shapes, level_start_index, locations, weights):
+    """ONNX form of ``torch.ops.deformable_detr.ms_deform_attn_forward``: the reference path
+    (one ``GridSample`` per level) in standard operators, sizes read from the inputs at run time.
+    """
+    num_levels = locations.type().sizes()[3]
+
+    def ints(*v):
+        return g.op("Constant", value_t=torch.tensor(v, dtype=torch.int64))
+
+    def dim(shape, i):
+        return g.op("Gather", shape, ints(i))
+
+    value_shape = g.op("Shape", value)
+    loc_shape = g.op("Shape", locations)
+    n, m, d = dim(value_shape, 0), dim(value_shape, 2), dim(value_shape, 3)
+    lq, p = dim(loc_shape, 1), dim(loc_shape, 4)
+    nm = g.op("Mul", n, m)
+    one = g.op("Constant", value_t=torch.tensor(1.0))
+    two = g.op("Constant", value_t=torch.tensor(2.0))
+    # GridSample works in [-1, 1] with align_corners=0: pixel centres at (i + 0.5) / size.
+    grids = g.op("Sub", g.op("Mul", locations, two), one)
+    sampled = []
+    for lvl in range(num_levels):
+        hw = g.op("Gather", spatial_shapes, g.op("Constant", value_t=torch.tensor(lvl)))
+        h, w = dim(hw, 0), dim(hw, 1)
+        start = g.op("Gather", level_start_index, ints(lvl))
+        end = g.op("Add", start, g.op("Mul", h, w))
+        v = g.op("Slice", value, start, end, ints(1))
+        v = g.op("Transpose", v, perm_i=[0, 2, 3, 1])
+        v = g.op("Reshape", v, g.op("Concat", nm, d, h, w, axis_i=0))
+        grid = g.op("Gather", grids, g.op("Constant", value_t=torch.tensor(lvl)), axis_i=3)
+        grid = g.op("Transpose", grid, perm_i=[0, 2, 1, 3, 4])
+        grid = g.op("Reshape", grid, g.op("Concat", nm, lq, p, ints(2), axis_i=0))
+        out = g.op(
+            "GridSample", v, grid, mode_s="bilinear", padding_mode_s="zeros", align_corners_i=0
+        )
+        sampled.append(g.op("Unsqueeze", out, ints(3)))
+    # (N*M, D, Lq, L, P) weighted over levels and points.
+    stacked = g.op("Concat", *sampled, axis_i=3)
+    w = g.op("Transpose", weights, perm_i=[0, 2, 1, 3, 4])
+    w = g.op("Reshape", w, g.op("Concat", nm, ints(1), lq, ints(num_levels), p, axis_i=0))
+    out = g.op("ReduceSum", g.op("Mul", stacked, w), ints(-1, -2), keepdims_i=0)
+    out = g.op("Reshape", out, g.op("Concat", n, g.op("Mul", m, d), lq, axis_i=0))
+    return g.op("Transpose", out, perm_i=[0, 2, 1])
