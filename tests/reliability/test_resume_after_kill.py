@@ -17,6 +17,8 @@ import torch
 from detectron2.engine import HookBase
 from PIL import Image
 
+from deformable_detr.checkpointing import is_complete_checkpoint
+
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BASE_CONFIG = os.path.join(
     REPO_ROOT, "projects", "DeformableDETR", "configs", "Base-DeformableDETR.yaml"
@@ -167,9 +169,13 @@ def _start(setup, output_dir, resume, **env):
     return subprocess.Popen(cmd, cwd=REPO_ROOT, env=full_env, stdout=log, stderr=subprocess.STDOUT)
 
 
-def _wait_for(condition, proc, timeout=240):
+def _wait_for(condition, proc, output_dir, timeout=240):
+    """Poll until ``condition()``; meanwhile, whatever last_checkpoint names must be complete."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        tagged = _tag(output_dir)
+        if tagged:
+            assert is_complete_checkpoint(os.path.join(output_dir, tagged)), tagged
         if condition():
             return
         if proc.poll() is not None:
@@ -216,7 +222,7 @@ def test_kill_during_save_and_mid_training_then_resume(setup_dir):
 
     # 1. Killed while model_0000003.pth is being written (half of it on disk).
     proc = _start(setup_dir, out, False, DDETR_TEST_STALL="model_0000003", DDETR_TEST_MARKER=marker)
-    _wait_for(lambda: os.path.exists(marker), proc)
+    _wait_for(lambda: os.path.exists(marker), proc, out)
     _kill(proc)
     name, data = _assert_tag_loadable(out)
     assert name == "model_0000001.pth" and data["iteration"] == 1
@@ -226,7 +232,7 @@ def test_kill_during_save_and_mid_training_then_resume(setup_dir):
 
     # 2. Resumed, then killed at an arbitrary moment after its second checkpoint.
     proc = _start(setup_dir, out, True)
-    _wait_for(lambda: _tag(out) == "model_0000005.pth", proc)
+    _wait_for(lambda: _tag(out) == "model_0000005.pth", proc, out)
     time.sleep(0.5)
     _kill(proc)
     name, data = _assert_tag_loadable(out)
@@ -235,7 +241,8 @@ def test_kill_during_save_and_mid_training_then_resume(setup_dir):
 
     # 3. Resumed again, to the end.
     proc = _start(setup_dir, out, True)
-    assert proc.wait(timeout=300) == 0
+    _wait_for(lambda: proc.poll() is not None, proc, out, timeout=300)
+    assert proc.returncode == 0
     name, final = _assert_tag_loadable(out)
     assert name == "model_final.pth" and final["iteration"] == MAX_ITER - 1
 

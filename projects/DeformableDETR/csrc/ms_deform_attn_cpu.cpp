@@ -20,7 +20,6 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
-#include <type_traits>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -85,8 +84,6 @@ struct HeadTask {
   int64_t m;
   int64_t q_begin;
   int64_t q_end;
-  // Rows of value (S).
-  int64_t max_rows;
 };
 
 // The four corners of one bilinear sample: row indices into the head's values, interpolation
@@ -221,131 +218,12 @@ struct Row {
   }
 };
 
-#if defined(__GNUC__)
-#define DDETR_STAGED_FORWARD 1
-// Queries with at most this many samples (levels x points) take the staged float32 forward path.
-constexpr int64_t kMaxStaged = 64;
-
-// Float32 forward pass in two stages per query: the bilinear corners and weights of all samples
-// are computed kBytes / 4 samples at a time in SIMD registers, then the weighted corner rows are
-// summed. Needs S < 2^31 (int32 row indices) and at most kMaxStaged samples per query.
-template <int kDim, int kBytes>
-DDETR_INLINE void forward_head_staged(const HeadTask<float>& t) {
-  constexpr int kLen = kBytes / 4;
-  typedef float FVec __attribute__((vector_size(kBytes)));
-  typedef int32_t IVec __attribute__((vector_size(kBytes)));
-  const int64_t samples = t.num_levels * t.num_points;
-  const int64_t padded = (samples + kLen - 1) / kLen * kLen;
-  alignas(64) float level_h[kMaxStaged], level_w[kMaxStaged];
-  alignas(64) int32_t level_hi[kMaxStaged], level_wi[kMaxStaged], level_start[kMaxStaged];
-  alignas(64) float xs[kMaxStaged], ys[kMaxStaged], as[kMaxStaged];
-  alignas(64) float w0[kMaxStaged], w1[kMaxStaged], w2[kMaxStaged], w3[kMaxStaged];
-  alignas(64) int32_t corner[kMaxStaged], mask[kMaxStaged];
-  for (int64_t i = 0; i < padded; ++i) {
-    // Padding samples get a 0 x 0 level, so they are never inside.
-    const bool real = i < samples;
-    const Level& level = t.levels[real ? i / t.num_points : 0];
-    level_hi[i] = real ? static_cast<int32_t>(level.height) : 0;
-    level_wi[i] = real ? static_cast<int32_t>(level.width) : 0;
-    level_start[i] = static_cast<int32_t>(level.start);
-    level_h[i] = static_cast<float>(level_hi[i]);
-    level_w[i] = static_cast<float>(level_wi[i]);
-    xs[i] = ys[i] = as[i] = 0.f;
-  }
-  auto fload = [](const float* p) {
-    FVec x;
-    std::memcpy(&x, p, sizeof(FVec));
-    return x;
-  };
-  auto iload = [](const int32_t* p) {
-    IVec x;
-    std::memcpy(&x, p, sizeof(IVec));
-    return x;
-  };
-  const float* __restrict head_value = t.head_value;
-  const int64_t row = t.row;
-  const FVec zero = FVec{} * 0.f;
-  for (int64_t q = t.q_begin; q < t.q_end; ++q) {
-    const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
-    const float* loc = t.locations + 2 * pair * samples;
-    const float* attn = t.weights + pair * samples;
-    for (int64_t i = 0; i < samples; ++i) {
-      xs[i] = loc[2 * i];
-      ys[i] = loc[2 * i + 1];
-      as[i] = attn[i];
-    }
-    for (int64_t i = 0; i < padded; i += kLen) {
-      const FVec h_im = fload(ys + i) * fload(level_h + i) - 0.5f;
-      const FVec w_im = fload(xs + i) * fload(level_w + i) - 0.5f;
-      // Comparisons with NaN are false: NaN locations are outside.
-      const IVec inside = (h_im > zero - 1.f) & (w_im > zero - 1.f) &
-                          (h_im < fload(level_h + i)) & (w_im < fload(level_w + i));
-      const FVec hc = (FVec)((IVec)h_im & inside);
-      const FVec wc = (FVec)((IVec)w_im & inside);
-      // floor(c) for c > -1: truncate c + 1, then correct the rounding of c + 1 up to an integer.
-      IVec hl = __builtin_convertvector(hc + 1.f, IVec) - 1;
-      IVec wl = __builtin_convertvector(wc + 1.f, IVec) - 1;
-      hl += (hc - __builtin_convertvector(hl, FVec)) < zero;
-      wl += (wc - __builtin_convertvector(wl, FVec)) < zero;
-      const FVec lh = hc - __builtin_convertvector(hl, FVec);
-      const FVec lw = wc - __builtin_convertvector(wl, FVec);
-      const FVec a = (FVec)((IVec)fload(as + i) & inside);
-      const FVec hh = 1.f - lh, hw = 1.f - lw;
-      const FVec top_w = a * hh, bottom_w = a * lh;
-      const FVec r0 = top_w * hw, r1 = top_w * lw, r2 = bottom_w * hw, r3 = bottom_w * lw;
-      std::memcpy(w0 + i, &r0, sizeof(FVec));
-      std::memcpy(w1 + i, &r1, sizeof(FVec));
-      std::memcpy(w2 + i, &r2, sizeof(FVec));
-      std::memcpy(w3 + i, &r3, sizeof(FVec));
-      const IVec hi = iload(level_hi + i), wi = iload(level_wi + i);
-      const IVec top = hl >= 0, bottom = hl + 1 < hi, left = wl >= 0, right = wl + 1 < wi;
-      const IVec mk = (((top & left) & 1) | ((top & right) & 2) | ((bottom & left) & 4) |
-                       ((bottom & right) & 8)) &
-                      inside;
-      const IVec c = iload(level_start + i) + hl * wi + wl;
-      std::memcpy(mask + i, &mk, sizeof(IVec));
-      std::memcpy(corner + i, &c, sizeof(IVec));
-    }
-    Row<float, kDim, kBytes> acc;
-    acc.zero();
-    for (int64_t i = 0; i < samples; ++i) {
-      const int32_t mk = mask[i];
-      if (mk == 0) {
-        continue;
-      }
-      const float* v0 = head_value + static_cast<int64_t>(corner[i]) * row;
-      const float* v2 = v0 + static_cast<int64_t>(level_wi[i]) * row;
-      if (mk == 0xF) {
-        acc.add_scaled(w0[i], v0);
-        acc.add_scaled(w1[i], v0 + row);
-        acc.add_scaled(w2[i], v2);
-        acc.add_scaled(w3[i], v2 + row);
-      } else {
-        if (mk & 1) acc.add_scaled(w0[i], v0);
-        if (mk & 2) acc.add_scaled(w1[i], v0 + row);
-        if (mk & 4) acc.add_scaled(w2[i], v2);
-        if (mk & 8) acc.add_scaled(w3[i], v2 + row);
-      }
-    }
-    acc.store_to(t.output + pair * kDim);
-  }
-}
-#endif
-
 // Forward pass of one head for the queries [q_begin, q_end). kDim > 0 fixes the channel count at
 // compile time (vector registers of kBytes bytes); kDim == 0 reads it from the task.
 template <typename T, int kDim, int kBytes>
 DDETR_INLINE void forward_head(const HeadTask<T>& t) {
   const int64_t dim = kDim > 0 ? kDim : t.dim;
   const int64_t samples = t.num_levels * t.num_points;
-#ifdef DDETR_STAGED_FORWARD
-  if constexpr (std::is_same_v<T, float> && kDim > 0) {
-    if (!getenv("DDETR_EXP") && samples <= kMaxStaged && t.max_rows < (int64_t{1} << 31)) {
-      forward_head_staged<kDim, kBytes>(t);
-      return;
-    }
-  }
-#endif
   const T* __restrict head_value = t.head_value;
   const int64_t row = t.row;
   for (int64_t q = t.q_begin; q < t.q_end; ++q) {
@@ -609,7 +487,6 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
     base.num_heads = m;
     base.dim = d;
     base.num_points = p;
-    base.max_rows = s;
     const T* vp = v.data_ptr<T>();
     auto run = [&](const HeadTask<T>& t) {
       if (d == 32) {
