@@ -452,25 +452,30 @@ def ensure_quickstart_dataset(
     tmp = tempfile.mkdtemp(prefix=".quickstart-tmp-", dir=parent)
     try:
         generate_quickstart_dataset(tmp, num_train=num_train, num_val=num_val, seed=seed)
-        for _attempt in range(3):
-            if _is_complete(root, num_train, num_val, seed):
-                # Another process finished first.
-                break
-            if os.path.lexists(root):
-                stale = tempfile.mkdtemp(prefix=".quickstart-old-", dir=parent)
+        stale = []
+        try:
+            for _attempt in range(3):
+                if _is_complete(root, num_train, num_val, seed):
+                    # Another process finished first.
+                    break
+                if os.path.lexists(root):
+                    # Swap the outdated copy out and the new one in at once; delete the old one
+                    # only afterwards, so that the folder is missing for the shortest time.
+                    stale.append(tempfile.mkdtemp(prefix=".quickstart-old-", dir=parent))
+                    try:
+                        os.replace(root, os.path.join(stale[-1], "dataset"))
+                    except FileNotFoundError:
+                        pass  # someone else moved it away
                 try:
-                    os.replace(root, os.path.join(stale, "dataset"))
-                except FileNotFoundError:
-                    pass  # someone else moved it away
-                finally:
-                    shutil.rmtree(stale, ignore_errors=True)
-            try:
-                os.rename(tmp, root)
-                break
-            except OSError:
-                continue  # someone else put a folder there in the meantime: check it again
-        else:
-            raise RuntimeError(f"could not move the generated quickstart dataset to {root!r}")
+                    os.rename(tmp, root)
+                    break
+                except OSError:
+                    continue  # someone else put a folder there in the meantime: check it again
+            else:
+                raise RuntimeError(f"could not move the generated quickstart dataset to {root!r}")
+        finally:
+            for folder in stale:
+                shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if not _is_complete(root, num_train, num_val, seed):
