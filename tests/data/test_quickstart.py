@@ -59,11 +59,12 @@ def test_coco_json_is_valid(small_dataset):
         for img in api.loadImgs(api.getImgIds()):
             pixels = np.asarray(Image.open(os.path.join(small_dataset, split, img["file_name"])))
             assert pixels.shape == (img["height"], img["width"], 3)
-            assert 256 <= img["height"] <= 320 and 256 <= img["width"] <= 320
+            assert min(qs._IMAGE_SIDES) <= img["height"] <= max(qs._IMAGE_SIDES)
+            assert min(qs._IMAGE_SIDES) <= img["width"] <= max(qs._IMAGE_SIDES)
             # Cluttered, not flat: the background varies.
             assert pixels.std() > 10
             anns = api.loadAnns(api.getAnnIds(imgIds=[img["id"]]))
-            assert 1 <= len(anns) <= 5
+            assert 1 <= len(anns) <= max(qs._NUM_OBJECTS)
             for ann in anns:
                 x, y, w, h = ann["bbox"]
                 assert w > 0 and h > 0

@@ -16,6 +16,7 @@ detections, without Detectron2 structures. ``export_model`` saves it in one of t
 
 import contextlib
 import logging
+import math
 import os
 import warnings
 
@@ -181,7 +182,8 @@ def min_dynamic_size(model):
         wanted = model.transformer.two_stage_num_proposals
 
         def tokens(n):
-            return sum(-((-n // s) ** 2) for s in strides)
+            # Stride-2 convolutions with 'same' padding round up: a level is ceil(n / stride).
+            return sum(math.ceil(n / s) ** 2 for s in strides)
 
         while tokens(side) < wanted:
             side += 1

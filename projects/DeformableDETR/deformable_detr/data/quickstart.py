@@ -2,7 +2,7 @@
 
 Six classes, defined by shape alone: circle, square, triangle, star, ring and cross. Each picture
 has a cluttered background (colour gradient, low-frequency blotches, distractor strokes, pixel
-noise) and one to five objects of varied size (small objects included), aspect ratio, rotation,
+noise) and one to four objects of varied size (small objects included), aspect ratio, rotation,
 colour and texture (solid, gradient, stripes, checker, speckle); later objects may partly hide
 earlier ones. Boxes enclose the visible part of each object.
 
@@ -49,7 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Bump whenever the pictures or annotations change, so that cached copies are regenerated.
-GENERATOR_VERSION = 2
+GENERATOR_VERSION = 3
 
 QUICKSTART_CLASSES = ["circle", "square", "triangle", "star", "ring", "cross"]
 QUICKSTART_COLORS = [
@@ -67,13 +67,21 @@ DEFAULT_SEED = 0
 
 _SPLITS = ("train", "val")
 _MANIFEST = "MANIFEST.json"
-_IMAGE_SIDES = (256, 288, 320)
+# Small pictures: a CPU trains on many more of them in the same time.
+_IMAGE_SIDES = (192, 224, 256)
 _JPEG_QUALITY = 92
-# Object size (longer side before rotation, pixels): a quarter small, the rest medium/large.
-_SMALL_FRACTION = 0.25
+# Object size (longer side before rotation, pixels): a fifth small, the rest medium/large.
+_SMALL_FRACTION = 0.2
 _SMALL_SIZE = (14.0, 32.0)
-_LARGE_SIZE = (32.0, 120.0)
-_MIN_VISIBLE_FRACTION = 0.6
+_LARGE_SIZE = (32.0, 100.0)
+# Occlusion: every object keeps this much of its area, and no two overlap more than _MAX_OVERLAP.
+_MIN_VISIBLE_FRACTION = 0.7
+_MAX_OVERLAP = 0.35
+# Objects per picture and their probabilities.
+_NUM_OBJECTS = (1, 2, 3, 4)
+_NUM_OBJECTS_P = (0.3, 0.35, 0.25, 0.1)
+# Smallest summed |RGB| difference (0..3) between an object's colour and what lies under it.
+_MIN_CONTRAST = 0.9
 # cv2 polygon vertices carry this many fractional bits, for sub-pixel edges.
 _SHIFT = 4
 
@@ -113,14 +121,14 @@ def _background(rng, height, width):
     img = c0[None, None, :] * (1 - t[..., None]) + c1[None, None, :] * t[..., None]
 
     # Low-frequency blotches, so that backgrounds are not plain gradients.
-    grid = rng.normal(0.0, 0.12, size=(rng.integers(3, 8), rng.integers(3, 8), 3))
+    grid = rng.normal(0.0, 0.08, size=(rng.integers(3, 8), rng.integers(3, 8), 3))
     img += cv2.resize(grid.astype(np.float32), (width, height), interpolation=cv2.INTER_CUBIC)
     img = np.clip(img, 0, 1).astype(np.float32)
 
     # Distractor strokes: thin lines, polylines and arcs that are not objects.
-    for _ in range(int(rng.integers(3, 11))):
+    for _ in range(int(rng.integers(2, 8))):
         color = tuple(float(c) for c in _random_color(rng, 0.05))
-        thickness = int(rng.integers(1, 4))
+        thickness = int(rng.integers(1, 3))
         kind = rng.integers(0, 3)
         if kind == 0:
             p0 = rng.uniform([0, 0], [width, height])
@@ -212,7 +220,7 @@ def _texture(rng, height, width, base):
     """A fill pattern around colour ``base`` (RGB floats), as (H, W, 3) float32."""
     kind = rng.integers(0, 5)
     base = base.astype(np.float32)
-    other = np.clip(base + rng.uniform(-0.35, 0.35, size=3), 0, 1).astype(np.float32)
+    other = np.clip(base + rng.uniform(-0.25, 0.25, size=3), 0, 1).astype(np.float32)
     if kind == 0:  # solid
         return np.broadcast_to(base, (height, width, 3))
     ys, xs = np.mgrid[0:height, 0:width].astype(np.float32)
@@ -231,7 +239,7 @@ def _texture(rng, height, width, base):
         period = rng.uniform(3, 8)
         on = ((np.floor(xs / period) + np.floor(ys / period)) % 2 == 0)[..., None]
         return np.where(on, base, other)
-    speckle = rng.normal(0, 0.12, size=(height, width, 1)).astype(np.float32)
+    speckle = rng.normal(0, 0.08, size=(height, width, 1)).astype(np.float32)
     return np.clip(base + speckle, 0, 1)
 
 
@@ -258,7 +266,7 @@ def render_quickstart_image(seed_sequence):
     height = int(rng.choice(_IMAGE_SIDES))
     img = _background(rng, height, width)
 
-    num_objects = int(rng.choice([1, 2, 3, 4, 5], p=[0.15, 0.3, 0.3, 0.15, 0.1]))
+    num_objects = int(rng.choice(_NUM_OBJECTS, p=_NUM_OBJECTS_P))
     categories, visible = [], []
     for _ in range(num_objects):
         category = int(rng.integers(0, len(QUICKSTART_CLASSES)))
@@ -268,7 +276,7 @@ def render_quickstart_image(seed_sequence):
             # Occlusion is fine, but every object must stay recognisable.
             if all(
                 (v * (1 - alpha)).sum() >= _MIN_VISIBLE_FRACTION * v0 for v, v0 in visible
-            ) and all(_overlap(alpha, v) < 0.5 for v, _ in visible):
+            ) and all(_overlap(alpha, v) < _MAX_OVERLAP for v, _ in visible):
                 break
         else:
             continue
@@ -276,9 +284,9 @@ def render_quickstart_image(seed_sequence):
         # Choose a colour that stands out from what lies underneath.
         weight = alpha[..., None]
         under = (img * weight).sum(axis=(0, 1)) / max(float(alpha.sum()), 1e-6)
-        for _attempt in range(10):
+        for _attempt in range(20):
             color = _random_color(rng)
-            if np.abs(color - under).sum() > 0.6:
+            if np.abs(color - under).sum() > _MIN_CONTRAST:
                 break
         tex = _texture(rng, height, width, color)
         img = img * (1 - weight) + tex * weight
@@ -288,9 +296,9 @@ def render_quickstart_image(seed_sequence):
         categories.append(category)
 
     # Sensor noise and, sometimes, a slight blur over the whole picture.
-    if rng.uniform() < 0.3:
-        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 0.9))
-    img = img + rng.normal(0, rng.uniform(0.01, 0.05), size=img.shape).astype(np.float32)
+    if rng.uniform() < 0.2:
+        img = cv2.GaussianBlur(img, (0, 0), rng.uniform(0.4, 0.8))
+    img = img + rng.normal(0, rng.uniform(0.01, 0.03), size=img.shape).astype(np.float32)
     img = np.clip(np.round(img * 255), 0, 255).astype(np.uint8)
 
     objects = []
