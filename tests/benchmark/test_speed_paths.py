@@ -103,3 +103,30 @@ def test_transformer_without_padding_matches_the_masked_path(two_stage, plain_pa
             assert b is None
         else:
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_train_benchmark_measures_a_step():
+    from deformable_detr.benchmark.train import CONFIG_DIR, measure, setup_cfg
+
+    opts = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96, 128)"]
+    opts += ["MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "1"]
+    cfg = setup_cfg(f"{CONFIG_DIR}/quickstart.yaml", opts)
+    r = measure(cfg, iters=1)
+    assert len(r["times"]) == 1 and r["median"] > 0
+    assert r["peak_mib"] > r["extra_mib"] >= 0
+
+
+def test_model_benchmark_detections_match_hf_on_converted_weights():
+    pytest.importorskip("transformers")
+    pytest.importorskip("timm")
+    from deformable_detr.benchmark.model import check_detections
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        r = check_detections("r50", height=64, width=96)
+    finally:
+        torch.set_num_threads(threads)
+    assert r["labels_equal"]
+    assert r["max_score_diff"] < 1e-4
+    assert r["max_box_diff_px"] < 0.01

@@ -9,7 +9,10 @@
 // value[n, :, m, :] and the location and weight gradients of its head, so no two threads ever
 // write the same element and no atomics are needed. When a head takes more samples than it has
 // rows, value is first transposed to (N, M, S, D): rows M * D elements apart use only a fraction
-// of the cache sets, while a dense head stays in cache.
+// of the cache sets, while a dense head stays in cache. Walking one head, the forward pass
+// prefetches what the hardware prefetchers cannot predict: the inputs of queries a few steps
+// ahead (num_heads rows apart) and the value rows of the next query, located before the current
+// query is summed so that their loads overlap with its arithmetic.
 //
 // On x86 the per-head loops are compiled three times (baseline, AVX2+FMA, AVX-512) and the widest
 // one the CPU supports is picked at run time, so the extension stays portable.
@@ -20,6 +23,7 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "ms_deform_attn.h"
@@ -218,51 +222,100 @@ struct Row {
   }
 };
 
-// Forward pass of one head for the queries [q_begin, q_end). kDim > 0 fixes the channel count at
-// compile time (vector registers of kBytes bytes); kDim == 0 reads it from the task.
-template <typename T, int kDim, int kBytes>
-DDETR_INLINE void forward_head(const HeadTask<T>& t) {
-  const int64_t dim = kDim > 0 ? kDim : t.dim;
-  const int64_t samples = t.num_levels * t.num_points;
-  const T* __restrict head_value = t.head_value;
-  const int64_t row = t.row;
-  for (int64_t q = t.q_begin; q < t.q_end; ++q) {
-    const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
-    const T* loc = t.locations + 2 * pair * samples;
-    const T* attn = t.weights + pair * samples;
-    T* __restrict out = t.output + pair * dim;
-    Row<T, (kDim > 0 ? kDim : kBytes / sizeof(T)), kBytes> acc;
-    if constexpr (kDim > 0) {
-      acc.zero();
+// One value row of a forward sample: its offset in the head's values and its weight (attention
+// weight times bilinear weight).
+template <typename T>
+struct Tap {
+  int64_t offset;
+  T weight;
+};
+
+// Queries ahead of the current one whose locations, weights and output rows are prefetched: the
+// per-head walk reads them num_heads rows apart, a stride the hardware prefetchers miss.
+constexpr int64_t kPrefetchQueries = 8;
+
+DDETR_INLINE void prefetch_bytes(const void* p, int64_t bytes, bool write) {
+#if defined(__GNUC__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) {
+    if (write) {
+      __builtin_prefetch(c + b, 1, 3);
     } else {
-      std::fill(out, out + dim, T(0));
+      __builtin_prefetch(c + b, 0, 3);
     }
-    for (int64_t l = 0; l < t.num_levels; ++l) {
-      const Level& level = t.levels[l];
-      for (int64_t p = 0; p < t.num_points; ++p, loc += 2, ++attn) {
-        Corners<T> c;
-        if (!bilinear_corners(loc[0], loc[1], level, c)) {
-          continue;
-        }
-        const T a = *attn;
-        for (int k = 0; k < 4; ++k) {
-          if (c.valid[k]) {
-            const T w = a * c.weight[k];
-            const T* __restrict v = head_value + c.index[k] * row;
-            if constexpr (kDim > 0) {
-              acc.add_scaled(w, v);
-            } else {
-              for (int64_t i = 0; i < dim; ++i) {
-                out[i] += w * v[i];
-              }
-            }
-          }
+  }
+#endif
+}
+
+// Computes the value rows of query q's samples into taps (in the order the sum visits them) and
+// prefetches them; returns how many there are.
+template <typename T>
+DDETR_INLINE int64_t gather_taps(const HeadTask<T>& t, int64_t q, int64_t width, Tap<T>* taps) {
+  const int64_t samples = t.num_levels * t.num_points;
+  const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
+  const T* loc = t.locations + 2 * pair * samples;
+  const T* attn = t.weights + pair * samples;
+  int64_t count = 0;
+  for (int64_t l = 0; l < t.num_levels; ++l) {
+    const Level& level = t.levels[l];
+    for (int64_t p = 0; p < t.num_points; ++p, loc += 2, ++attn) {
+      Corners<T> c;
+      if (!bilinear_corners(loc[0], loc[1], level, c)) {
+        continue;
+      }
+      const T a = *attn;
+      for (int k = 0; k < 4; ++k) {
+        if (c.valid[k]) {
+          const int64_t offset = c.index[k] * t.row;
+          taps[count++] = {offset, a * c.weight[k]};
+          prefetch_bytes(t.head_value + offset, width * static_cast<int64_t>(sizeof(T)), false);
         }
       }
     }
-    if constexpr (kDim > 0) {
-      acc.store_to(out);
+  }
+  return count;
+}
+
+// Forward pass of one head for the queries [q_begin, q_end). kDim > 0 fixes the channel count at
+// compile time (vector registers of kBytes bytes); kDim == 0 reads it from the task. The rows of
+// query q + 1 are located and prefetched before query q is summed, so their loads overlap.
+template <typename T, int kDim, int kBytes>
+DDETR_INLINE void forward_head(const HeadTask<T>& t, Tap<T>* buffer) {
+  const int64_t dim = kDim > 0 ? kDim : t.dim;
+  const int64_t samples = t.num_levels * t.num_points;
+  const T* __restrict head_value = t.head_value;
+  Tap<T>* cur = buffer;
+  Tap<T>* next = buffer + 4 * samples;
+  int64_t cur_count = t.q_begin < t.q_end ? gather_taps(t, t.q_begin, dim, cur) : 0;
+  for (int64_t q = t.q_begin; q < t.q_end; ++q) {
+    const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
+    T* __restrict out = t.output + pair * dim;
+    if (q + 1 + kPrefetchQueries < t.q_end) {
+      const int64_t ahead = pair + t.num_heads * (1 + kPrefetchQueries);
+      prefetch_bytes(t.locations + 2 * ahead * samples, 2 * samples * sizeof(T), false);
+      prefetch_bytes(t.weights + ahead * samples, samples * sizeof(T), false);
+      prefetch_bytes(t.output + ahead * dim, dim * sizeof(T), true);
     }
+    const int64_t next_count = q + 1 < t.q_end ? gather_taps(t, q + 1, dim, next) : 0;
+    if constexpr (kDim > 0) {
+      Row<T, kDim, kBytes> acc;
+      acc.zero();
+      for (int64_t e = 0; e < cur_count; ++e) {
+        acc.add_scaled(cur[e].weight, head_value + cur[e].offset);
+      }
+      acc.store_to(out);
+    } else {
+      std::fill(out, out + dim, T(0));
+      for (int64_t e = 0; e < cur_count; ++e) {
+        const T w = cur[e].weight;
+        const T* __restrict v = head_value + cur[e].offset;
+        for (int64_t i = 0; i < dim; ++i) {
+          out[i] += w * v[i];
+        }
+      }
+    }
+    std::swap(cur, next);
+    cur_count = next_count;
   }
 }
 
@@ -329,8 +382,8 @@ DDETR_INLINE void backward_head(const HeadTask<T>& t) {
 }
 
 template <typename T, int kDim>
-void forward_head_baseline(const HeadTask<T>& t) {
-  forward_head<T, kDim, 16>(t);
+void forward_head_baseline(const HeadTask<T>& t, Tap<T>* buffer) {
+  forward_head<T, kDim, 16>(t, buffer);
 }
 
 template <typename T, int kDim>
@@ -340,8 +393,8 @@ void backward_head_baseline(const HeadTask<T>& t) {
 
 #ifdef DDETR_X86_MULTIVERSION
 template <typename T, int kDim>
-__attribute__((target("avx2,fma"))) void forward_head_avx2(const HeadTask<T>& t) {
-  forward_head<T, kDim, 32>(t);
+__attribute__((target("avx2,fma"))) void forward_head_avx2(const HeadTask<T>& t, Tap<T>* buffer) {
+  forward_head<T, kDim, 32>(t, buffer);
 }
 
 template <typename T, int kDim>
@@ -350,9 +403,9 @@ __attribute__((target("avx2,fma"))) void backward_head_avx2(const HeadTask<T>& t
 }
 
 template <typename T, int kDim>
-__attribute__((target("avx512f,avx512vl,avx2,fma"))) void forward_head_avx512(
-    const HeadTask<T>& t) {
-  forward_head<T, kDim, 64>(t);
+__attribute__((target("avx512f,avx512vl,avx2,fma"))) void forward_head_avx512(const HeadTask<T>& t,
+                                                                              Tap<T>* buffer) {
+  forward_head<T, kDim, 64>(t, buffer);
 }
 
 template <typename T, int kDim>
@@ -383,18 +436,18 @@ Isa cpu_isa() {
 }
 
 template <typename T, int kDim>
-void run_forward_head(const HeadTask<T>& t) {
+void run_forward_head(const HeadTask<T>& t, Tap<T>* buffer) {
 #ifdef DDETR_X86_MULTIVERSION
   switch (cpu_isa()) {
     case Isa::kAvx512:
-      return forward_head_avx512<T, kDim>(t);
+      return forward_head_avx512<T, kDim>(t, buffer);
     case Isa::kAvx2:
-      return forward_head_avx2<T, kDim>(t);
+      return forward_head_avx2<T, kDim>(t, buffer);
     default:
       break;
   }
 #endif
-  forward_head_baseline<T, kDim>(t);
+  forward_head_baseline<T, kDim>(t, buffer);
 }
 
 template <typename T, int kDim>
@@ -430,6 +483,28 @@ void check_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
 bool worth_packing(int64_t num_queries, int64_t num_levels, int64_t num_points, int64_t num_rows,
                    int64_t num_heads) {
   return num_heads > 1 && num_queries * num_levels * num_points >= num_rows;
+}
+
+// Copies value (N, S, M, D) into a new (N, M, S, D) tensor. Each thread reads a block of whole
+// token rows and writes M short runs, which is cheaper than the generic strided copy.
+at::Tensor pack_heads(const at::Tensor& value) {
+  const auto src = value.contiguous();
+  const int64_t n = src.size(0), s = src.size(1), m = src.size(2), d = src.size(3);
+  auto dst = at::empty({n, m, s, d}, src.options());
+  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "ms_deform_attn_pack_heads", [&] {
+    const scalar_t* in = src.data_ptr<scalar_t>();
+    scalar_t* out = dst.data_ptr<scalar_t>();
+    at::parallel_for(0, n * s, 1024, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / s, token = row % s;
+        for (int64_t h = 0; h < m; ++h) {
+          std::memcpy(out + ((b * m + h) * s + token) * d, in + (row * m + h) * d,
+                      d * sizeof(scalar_t));
+        }
+      }
+    });
+  });
+  return dst;
 }
 
 // Runs task(i) for i in [0, num_tasks) on the intra-op threads. Threads take the next task from a
@@ -474,7 +549,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   const auto levels = read_levels(spatial_shapes, level_start_index);
   const bool pack = worth_packing(lq, nl, p, s, m);
   // Dense heads: (N, M, S, D), each head's rows D elements apart.
-  const auto v = pack ? value.to(ct).permute({0, 2, 1, 3}).contiguous() : value.to(ct).contiguous();
+  const auto v = pack ? pack_heads(value.to(ct)) : value.to(ct).contiguous();
   AT_DISPATCH_FLOATING_TYPES(ct, "ms_deform_attn_forward_cpu", [&] {
     using T = scalar_t;
     HeadTask<T> base{};
@@ -488,11 +563,17 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
     base.dim = d;
     base.num_points = p;
     const T* vp = v.data_ptr<T>();
+    // Two queries' taps per task: the one being summed and the next one.
+    const int64_t buffer_size = 2 * 4 * nl * p;
     auto run = [&](const HeadTask<T>& t) {
+      thread_local std::vector<Tap<T>> buffer;
+      if (static_cast<int64_t>(buffer.size()) < buffer_size) {
+        buffer.resize(buffer_size);
+      }
       if (d == 32) {
-        run_forward_head<T, 32>(t);
+        run_forward_head<T, 32>(t, buffer.data());
       } else {
-        run_forward_head<T, 0>(t);
+        run_forward_head<T, 0>(t, buffer.data());
       }
     };
     if (pack) {

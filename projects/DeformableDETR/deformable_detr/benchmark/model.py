@@ -95,7 +95,9 @@ def build_hf(variant, **overrides):
 def _check_hf_frozen_bn(model):
     # HF swaps every BatchNorm2d of the backbone for its frozen version; a trainable BN left in
     # would make the comparison unfair (and the outputs batch dependent).
-    bn = [n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)]
+    bn = [
+        n for n, m in model.named_modules() if isinstance(m, torch.nn.modules.batchnorm._NormBase)
+    ]
     if bn:
         raise RuntimeError(f"HF backbone still has batch-norm layers that are not frozen: {bn[:3]}")
 
@@ -246,6 +248,98 @@ def check_detections(variant, height=HEIGHT, width=WIDTH):
     }
 
 
+def profile_ours(variant, batch):
+    """Where the project's model spends its time: one inference under ``torch.profiler``, with
+    ranges opened around the parts of the model by forward hooks (nothing in the model changes).
+
+    Returns:
+        list[tuple[str, float]]: (part, milliseconds) rows; indented rows are inside the row above.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from deformable_detr.layers import ms_deform_attn as attn_module
+
+    model = build_ours(variant)
+    images = make_images(batch)
+    transformer = model.transformer
+    open_ranges = []
+
+    def ranged(name, module):
+        def pre(_module, _inputs):
+            r = record_function(name)
+            r.__enter__()
+            open_ranges.append(r)
+
+        def post(_module, _inputs, _output):
+            open_ranges.pop().__exit__(None, None, None)
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    ranged("backbone.body", model.backbone.body)
+    for proj in model.backbone.input_proj:
+        ranged("backbone.input_proj", proj)
+    ranged("position_embedding", model.position_embedding)
+    ranged("transformer", transformer)
+    for stack, name in ((transformer.encoder, "encoder"), (transformer.decoder, "decoder")):
+        ranged(name, stack)
+        for layer in stack.layers:
+            attn = layer.self_attn if name == "encoder" else layer.cross_attn
+            ranged(f"{name}.deformable_attention", attn)
+            ranged(f"{name}.value_proj", attn.value_proj)
+            ranged(f"{name}.output_proj", attn.output_proj)
+            ranged(f"{name}.ffn", layer.linear1)
+            ranged(f"{name}.ffn", layer.linear2)
+            if name == "decoder":
+                ranged("decoder.self_attn", layer.self_attn)
+
+    # The op is labelled by the stack that calls it.
+    op = attn_module.multi_scale_deformable_attention
+    in_encoder = [False]
+    transformer.encoder.register_forward_pre_hook(lambda *_: in_encoder.__setitem__(0, True))
+    transformer.encoder.register_forward_hook(lambda *_: in_encoder.__setitem__(0, False))
+
+    def labelled_op(*args):
+        with record_function("encoder.op" if in_encoder[0] else "decoder.op"):
+            return op(*args)
+
+    attn_module.multi_scale_deformable_attention = labelled_op
+    try:
+        with torch.inference_mode():
+            run_ours(model, images)
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                with record_function("total"):
+                    run_ours(model, images)
+    finally:
+        attn_module.multi_scale_deformable_attention = op
+    ms = {e.key: e.cpu_time_total / 1000 for e in prof.key_averages()}
+    get = lambda k: ms.get(k, 0.0)  # noqa: E731
+    rows = [("total", get("total")), ("backbone (ResNet body)", get("backbone.body"))]
+    rows.append(("input projections (conv + GroupNorm)", get("backbone.input_proj")))
+    rows.append(("position encoding", get("position_embedding")))
+    for name in ("encoder", "decoder"):
+        attn = get(f"{name}.deformable_attention")
+        parts = [get(f"{name}.{k}") for k in ("value_proj", "op", "output_proj")]
+        rows.append((name, get(name)))
+        rows.append(("  deformable attention", attn))
+        rows.append(("    value projection", parts[0]))
+        rows.append(("    attention op", parts[1]))
+        rows.append(("    output projection", parts[2]))
+        rows.append(("    offsets/weights linear, softmax, locations", attn - sum(parts)))
+        if name == "decoder":
+            rows.append(("  self-attention", get("decoder.self_attn")))
+        rows.append(("  FFN linears", get(f"{name}.ffn")))
+    inside = sum(get(f"{n}.deformable_attention") + get(f"{n}.ffn") for n in ("encoder", "decoder"))
+    rest = get("transformer") - inside - get("decoder.self_attn")
+    rows.append(("transformer, rest (flatten, masks, references, norms, residuals)", rest))
+    outside = get("total") - sum(
+        get(k)
+        for k in ("backbone.body", "backbone.input_proj", "position_embedding", "transformer")
+    )
+    rows.append(("heads, normalisation, post-processing", outside))
+    return rows, prof
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--variants", nargs="+", default=["r50"], choices=sorted(VARIANTS))
@@ -254,6 +348,7 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     parser.add_argument("--memory", action="store_true", help="peak RSS, one subprocess each")
     parser.add_argument("--check", action="store_true", help="compare detections on HF weights")
+    parser.add_argument("--profile", action="store_true", help="profile the project's model")
     parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
@@ -261,6 +356,17 @@ def main(argv=None):
         _memory_child(impl, variant, int(batch), int(threads))
         return
     torch.set_num_threads(args.threads)
+    if args.profile:
+        for variant in args.variants:
+            rows, prof = profile_ours(variant, args.batch[0])
+            print(f"profile of {variant}, batch {args.batch[0]}, {args.threads} threads (ms)")
+            print("| part | ms | share |")
+            print("|---|---|---|")
+            for name, value in rows:
+                share = 100 * value / rows[0][1]
+                print(f"| {name.replace('  ', '&nbsp;&nbsp;')} | {value:.0f} | {share:.1f}% |")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
+        return
 
     print(
         f"CPU inference, {HEIGHT}x{WIDTH} images, {args.threads} threads, median of "
