@@ -12,7 +12,6 @@ from detectron2.modeling import build_model
 
 from deformable_detr import add_deformable_detr_config
 from deformable_detr.export import (
-    EXPORT_FORMATS,
     ONNX_OPSET,
     DeformableDetrExportWrapper,
     export_model,

@@ -14,7 +14,6 @@ detections, without Detectron2 structures. ``export_model`` saves it in one of t
 ``torch.jit.load``, onnxruntime).
 """
 
-import contextlib
 import logging
 import math
 import os
@@ -24,7 +23,6 @@ import torch
 from torch import nn
 from torchvision.ops import box_convert
 
-from .modeling import transformer as _transformer_module
 from .modeling.transformer import inverse_sigmoid
 
 __all__ = [
@@ -190,38 +188,6 @@ def min_dynamic_size(model):
     return side
 
 
-class _TorchWithSymbolicAsTensor:
-    """The ``torch`` module, except that ``as_tensor`` of a list holding symbolic sizes builds the
-    tensor with ``torch.tensor``, which keeps them symbolic (``as_tensor`` freezes them)."""
-
-    def __getattr__(self, name):
-        return getattr(torch, name)
-
-    @staticmethod
-    def as_tensor(data, *args, **kwargs):
-        if isinstance(data, (list, tuple)) and _holds_symint(data):
-            return torch.tensor(data, *args, **kwargs)
-        return torch.as_tensor(data, *args, **kwargs)
-
-
-def _holds_symint(data):
-    if isinstance(data, (list, tuple)):
-        return any(_holds_symint(v) for v in data)
-    return isinstance(data, torch.SymInt)
-
-
-@contextlib.contextmanager
-def _symbolic_level_shapes():
-    # DeformableTransformer.forward builds spatial_shapes with torch.as_tensor, which turns the
-    # symbolic level sizes of a dynamic export into constants; only that module sees the stand-in.
-    saved = _transformer_module.torch
-    _transformer_module.torch = _TorchWithSymbolicAsTensor()
-    try:
-        yield
-    finally:
-        _transformer_module.torch = saved
-
-
 def _check_exportable(wrapper):
     if not hasattr(torch.ops.deformable_detr, "ms_deform_attn_forward"):
         raise RuntimeError(
@@ -266,7 +232,7 @@ def export_program(wrapper, image, dynamic=False):
         height = torch.export.Dim("height", min=low, max=8192)
         width = torch.export.Dim("width", min=low, max=8192)
         dynamic_shapes = ({1: height, 2: width},)
-    with torch.no_grad(), _symbolic_level_shapes():
+    with torch.no_grad():
         return torch.export.export(wrapper, (image,), dynamic_shapes=dynamic_shapes)
 
 

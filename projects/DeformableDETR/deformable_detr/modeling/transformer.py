@@ -669,7 +669,8 @@ class DeformableTransformer(nn.Module):
             1,
         )
         device = src_flatten.device
-        spatial_shapes = torch.as_tensor(shapes, dtype=torch.long, device=device)
+        # torch.tensor (not as_tensor) keeps symbolic sizes symbolic under torch.export.
+        spatial_shapes = torch.tensor(shapes, dtype=torch.long, device=device)
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
         )
