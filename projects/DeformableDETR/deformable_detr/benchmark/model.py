@@ -12,7 +12,7 @@ pays for one batch: normalisation, the network and the top-100 post-processing (
 each, the two models run alternately for ``--repeat`` rounds, so a noisy shared machine slows both
 alike; the table gives the median seconds per image and the ratio of the medians.
 
-``--memory`` measures the peak resident set size (``ru_maxrss``) of a fresh subprocess per model
+``--memory`` measures the peak resident set size (``VmHWM``) of a fresh subprocess per model
 that imports the same packages, builds the model, makes the inputs and runs one inference; it also
 prints the peak above the resident size just before that inference (the activations and
 workspace). ``--check`` converts the HF model's weights with
@@ -24,7 +24,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -166,9 +165,18 @@ def measure_speed(variant, batch, repeat):
     }
 
 
+def _status_mib(field):
+    # VmHWM is the peak resident size of this process's own address space: unlike ru_maxrss it
+    # does not inherit the parent's peak across fork and exec.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
 def _rss_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return _status_mib("VmRSS")
 
 
 def _memory_child(impl, variant, batch, threads):
@@ -183,7 +191,7 @@ def _memory_child(impl, variant, batch, threads):
     before = _rss_mib()
     with torch.inference_mode():
         (run_ours if impl == "ours" else run_hf)(model, images)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mib("VmHWM")
     print(json.dumps({"peak_mib": peak, "extra_mib": max(0.0, peak - before)}))
 
 

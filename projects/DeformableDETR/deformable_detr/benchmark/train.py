@@ -8,13 +8,12 @@ builds them) and ``cfg.SOLVER.IMS_PER_BATCH`` images come from the config. The i
 of two sizes around the config's training size (so the batch has padding, as in training), each
 with a few random boxes; data loading is not timed. One iteration is forward, the weighted loss
 sum, backward and the optimizer step. After one warm-up iteration the median over ``--iters``
-iterations is printed. The peak resident set size (``ru_maxrss``) is that of this process, which
+iterations is printed. The peak resident set size (``VmHWM``) is that of this process, which
 does nothing else; "extra" is the peak above the resident size before the first iteration.
 """
 
 import argparse
 import os
-import resource
 import statistics
 import time
 
@@ -23,9 +22,18 @@ import torch
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
 
 
+def _status_mib(field):
+    # VmHWM is the peak resident size of this process's own address space: unlike ru_maxrss it
+    # does not inherit the parent's peak across fork and exec.
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
 def _rss_mib():
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    return _status_mib("VmRSS")
 
 
 def make_batch(cfg, seed=0):
@@ -96,7 +104,7 @@ def measure(cfg, iters):
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mib("VmHWM")
     return {
         "times": times,
         "median": statistics.median(times),
