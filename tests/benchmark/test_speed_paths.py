@@ -108,7 +108,7 @@ def test_transformer_without_padding_matches_the_masked_path(two_stage, plain_pa
 def test_train_benchmark_measures_a_step():
     from deformable_detr.benchmark.train import CONFIG_DIR, measure, setup_cfg
 
-    opts = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(96, 128)"]
+    opts = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64, 96)"]
     opts += ["MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "1"]
     cfg = setup_cfg(f"{CONFIG_DIR}/quickstart.yaml", opts)
     r = measure(cfg, iters=1)

@@ -122,6 +122,10 @@ class DeformableDetrBackbone(nn.Module):
 
     def _levels(self, x):
         """Features of all levels for a batch of unpadded images of one size."""
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            # oneDNN's CPU convolutions are faster on channels-last tensors (about a quarter less
+            # time in a ResNet-50 at 800x1216); the results are equal up to float rounding.
+            x = x.contiguous(memory_format=torch.channels_last)
         feats = self.body(x)
         srcs = [proj(feats[name]) for proj, name in zip(self.input_proj, self.in_features)]
         prev = feats[self.in_features[-1]]
