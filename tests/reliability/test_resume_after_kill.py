@@ -100,17 +100,6 @@ if stall:
 
     torch.save = stalled_save
 torch.set_num_threads(1)
-# TEMP-PROTO
-import deformable_detr.engine as E
-from deformable_detr.checkpointing import AtomicDetectionCheckpointer, DataPositionHook
-E.DetectionCheckpointer = AtomicDetectionCheckpointer
-_bh = E.Trainer.build_hooks
-def _build_hooks(self):
-    h = _bh(self)
-    h.insert(0, DataPositionHook(self.cfg.SOLVER.IMS_PER_BATCH))
-    return h
-E.Trainer.build_hooks = _build_hooks
-# END-TEMP
 sys.argv = [{train_net!r}] + sys.argv[1:]
 runpy.run_path({train_net!r}, run_name="__main__")
 """
@@ -310,12 +299,6 @@ def _trainer(setup, output_dir):
     args = default_argument_parser().parse_args(
         ["--config-file", config, "OUTPUT_DIR", output_dir, "SOLVER.MAX_ITER", "6"]
     )
-    # TEMP-PROTO
-    import deformable_detr.engine as E
-    from deformable_detr.checkpointing import AtomicDetectionCheckpointer
-
-    E.DetectionCheckpointer = AtomicDetectionCheckpointer
-    # END-TEMP
     return Trainer(setup_cfg(args))
 
 

@@ -13,7 +13,6 @@ import os
 import weakref
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.data import (
     build_detection_test_loader,
@@ -33,9 +32,11 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
+from .checkpointing import AtomicDetectionCheckpointer, DataPositionHook
 from .config import add_deformable_detr_config
 from .data import DeformableDetrDatasetMapper
 from .data.image_cache import add_image_cache_config, build_shared_image_cache
+from .data.validation import validate_dataset_dicts
 
 __all__ = [
     "Trainer",
@@ -277,13 +278,20 @@ class Trainer(DefaultTrainer):
         )
 
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        self.checkpointer = DetectionCheckpointer(
+        # Atomic checkpoint files: a run killed at any moment resumes from a complete one.
+        self.checkpointer = AtomicDetectionCheckpointer(
             model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        # Saves the sampler seed with every checkpoint and continues the data stream on resume.
+        hooks.insert(0, DataPositionHook(self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()))
+        return hooks
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -295,11 +303,10 @@ class Trainer(DefaultTrainer):
     @classmethod
     def build_train_loader(cls, cfg):
         """The training loader; with DATALOADER.CACHE_IMAGES, the mapper decodes the images from
-        an in-memory cache built here (see :func:`build_shared_image_cache`)."""
-        if not cfg.DATALOADER.get("CACHE_IMAGES", False):
-            return build_detection_train_loader(cfg, mapper=DeformableDetrDatasetMapper(cfg, True))
-        # The same dataset dicts as build_detection_train_loader would load, loaded once for the
-        # cache and the loader.
+        an in-memory cache built here (see :func:`build_shared_image_cache`). The records are
+        checked first (:func:`validate_dataset_dicts`): bad data fails before the first iteration.
+        """
+        # The same dataset dicts as build_detection_train_loader would load.
         dataset = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN,
             filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS,
@@ -308,9 +315,15 @@ class Trainer(DefaultTrainer):
             ),
             proposal_files=cfg.DATASETS.PROPOSAL_FILES_TRAIN if cfg.MODEL.LOAD_PROPOSALS else None,
         )
-        cache = build_shared_image_cache(
-            [d["file_name"] for d in dataset], cache_dir=cfg.DATALOADER.get("CACHE_DIR", "") or None
+        dataset = validate_dataset_dicts(
+            dataset, cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES, dataset_names=cfg.DATASETS.TRAIN
         )
+        cache = None
+        if cfg.DATALOADER.get("CACHE_IMAGES", False):
+            cache = build_shared_image_cache(
+                [d["file_name"] for d in dataset],
+                cache_dir=cfg.DATALOADER.get("CACHE_DIR", "") or None,
+            )
         mapper = DeformableDetrDatasetMapper(cfg, True, image_cache=cache)
         return build_detection_train_loader(cfg, mapper=mapper, dataset=dataset)
 

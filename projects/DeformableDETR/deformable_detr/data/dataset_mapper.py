@@ -15,6 +15,8 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
+from .validation import named_image_errors
+
 __all__ = ["DeformableDetrDatasetMapper", "RandomSelect", "build_deformable_detr_augmentation"]
 
 logger = logging.getLogger(__name__)
@@ -171,10 +173,12 @@ class DeformableDetrDatasetMapper:
                 f"DeformableDetrDatasetMapper: dataset dict has no 'file_name'; keys: "
                 f"{sorted(dataset_dict)}"
             )
-        if self.image_cache is not None:
-            image = self.image_cache.read_image(dataset_dict["file_name"], self.image_format)
-        else:
-            image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
+        # Decoders name neither the file nor the record of a truncated or corrupt image.
+        with named_image_errors(dataset_dict):
+            if self.image_cache is not None:
+                image = self.image_cache.read_image(dataset_dict["file_name"], self.image_format)
+            else:
+                image = utils.read_image(dataset_dict["file_name"], format=self.image_format)
         utils.check_image_size(dataset_dict, image)
 
         aug_input = T.AugInput(image)
