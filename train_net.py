@@ -7,9 +7,9 @@ Examples (from the repository root)::
     python train_net.py --config-file configs/r50.yaml --eval-only MODEL.WEIGHTS model.pth
 """
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.engine import default_argument_parser, launch
 
+from deformable_detr.checkpointing import AtomicDetectionCheckpointer
 from deformable_detr.engine import Trainer, setup
 
 
@@ -17,7 +17,7 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)

@@ -22,7 +22,6 @@ from deformable_detr.data import DeformableDetrDatasetMapper
 from deformable_detr.data import image_cache as image_cache_module
 from deformable_detr.data.image_cache import (
     ImageCache,
-    add_image_cache_config,
     build_shared_image_cache,
     write_image_cache,
 )
@@ -167,7 +166,6 @@ def test_training_opens_no_image_file(tmp_path, caplog, monkeypatch):
     config_file.write_text(TINY_CONFIG.format(base=BASE_CONFIG))
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
-    add_image_cache_config(cfg)
     cfg.merge_from_file(str(config_file))
     cfg.DATALOADER.CACHE_IMAGES = True
     cfg.DATALOADER.CACHE_DIR = str(tmp_path)
@@ -237,5 +235,4 @@ def test_setup_knows_the_cache_keys(tmp_path):
     assert cfg.DATALOADER.CACHE_IMAGES is True and cfg.DATALOADER.CACHE_DIR == str(tmp_path)
     defaults = get_cfg()
     add_deformable_detr_config(defaults)
-    add_image_cache_config(defaults)
     assert defaults.DATALOADER.CACHE_IMAGES is False and defaults.DATALOADER.CACHE_DIR == ""

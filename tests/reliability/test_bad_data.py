@@ -230,4 +230,5 @@ def test_fixed_boxes_are_inside_their_image_and_not_empty(size, boxes):
     for obj in out:
         x, y, w, h = obj["bbox"]
         assert 0 <= x and 0 <= y and w > 0 and h > 0
-        assert x + w <= width + 1e-6 and y + h <= height + 1e-6
+        # Detectron2's BoxMode.convert works in float32: allow its rounding, not more.
+        assert x + w <= width + 1e-4 and y + h <= height + 1e-4

@@ -72,6 +72,13 @@ def add_deformable_detr_config(cfg):
     # augmentation (the crop itself is INPUT.CROP with TYPE "absolute_range").
     cfg.INPUT.CROP_PRE_RESIZE_SIZES = [400, 500, 600]
 
+    # Hold the encoded training images in memory, once per machine, and decode them from there
+    # instead of reading the files (the official --cache_mode, for slow file systems).
+    cfg.DATALOADER.CACHE_IMAGES = False
+    # Folder of the image cache; it must be memory-backed to keep the images in memory.
+    # "" means /dev/shm when it exists and is writable, else the temporary folder.
+    cfg.DATALOADER.CACHE_DIR = ""
+
     # Optimiser: "ADAMW" (the official recipe) or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # Learning-rate factor for the backbone parameters (official: 2e-5 = 0.1 x 2e-4).

@@ -35,7 +35,7 @@ from detectron2.utils.logger import setup_logger
 from .checkpointing import AtomicDetectionCheckpointer, DataPositionHook
 from .config import add_deformable_detr_config
 from .data import DeformableDetrDatasetMapper
-from .data.image_cache import add_image_cache_config, build_shared_image_cache
+from .data.image_cache import build_shared_image_cache
 from .data.validation import validate_dataset_dicts
 
 __all__ = [
@@ -355,7 +355,6 @@ def setup(args):
         raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
-    add_image_cache_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()

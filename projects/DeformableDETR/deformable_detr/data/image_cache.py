@@ -29,7 +29,6 @@ from PIL import Image
 
 __all__ = [
     "ImageCache",
-    "add_image_cache_config",
     "build_shared_image_cache",
     "default_cache_dir",
     "write_image_cache",
@@ -46,22 +45,6 @@ _PREFIX = "deformable_detr_images_"
 # Files read at once while the cache is built; results are written in order, so a bounded chunk
 # keeps the memory spent on bytes not yet written small.
 _CHUNK = 512
-
-
-def add_image_cache_config(cfg):
-    """Add the image-cache keys to ``cfg.DATALOADER`` where they are missing (in place).
-
-    Args:
-        cfg (CfgNode): a Detectron2 config.
-    """
-    if "CACHE_IMAGES" not in cfg.DATALOADER:
-        # Hold the encoded training images in memory, once per machine, and decode them from
-        # there instead of reading the files (the official --cache_mode, for slow file systems).
-        cfg.DATALOADER.CACHE_IMAGES = False
-    if "CACHE_DIR" not in cfg.DATALOADER:
-        # Folder of the image cache; it must be memory-backed to keep the images in memory.
-        # "" means /dev/shm when it exists and is writable, else the temporary folder.
-        cfg.DATALOADER.CACHE_DIR = ""
 
 
 def default_cache_dir():
