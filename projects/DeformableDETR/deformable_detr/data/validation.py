@@ -1,6 +1,6 @@
 """Checks of training records before training starts, and image reads that name their file.
 
-Bad data gets one defined behaviour each (see projects/DeformableDETR/tools/ROBUSTNESS.md):
+Bad data gets one defined behaviour each (see the README, "Robustness"):
 
 * a missing image file, a record without "file_name", a category id outside
   ``[0, MODEL.DEFORMABLE_DETR.NUM_CLASSES)``, a box with NaN/inf coordinates, or a dataset with more
