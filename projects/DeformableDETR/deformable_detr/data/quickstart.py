@@ -2,7 +2,7 @@
 
 Six classes, defined by shape alone: circle, square, triangle, star, ring and cross. Each picture
 has a cluttered background (colour gradient, low-frequency blotches, distractor strokes, pixel
-noise) and one to four objects of varied size (small objects included), aspect ratio, rotation,
+noise) and two to six objects of varied size (small objects included), aspect ratio, rotation,
 colour and texture (solid, gradient, stripes, checker, speckle); later objects may partly hide
 earlier ones. Boxes enclose the visible part of each object.
 
@@ -49,7 +49,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 # Bump whenever the pictures or annotations change, so that cached copies are regenerated.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 QUICKSTART_CLASSES = ["circle", "square", "triangle", "star", "ring", "cross"]
 QUICKSTART_COLORS = [
@@ -77,9 +77,10 @@ _LARGE_SIZE = (32.0, 100.0)
 # Occlusion: every object keeps this much of its area, and no two overlap more than _MAX_OVERLAP.
 _MIN_VISIBLE_FRACTION = 0.7
 _MAX_OVERLAP = 0.35
-# Objects per picture and their probabilities.
-_NUM_OBJECTS = (1, 2, 3, 4)
-_NUM_OBJECTS_P = (0.3, 0.35, 0.25, 0.1)
+# Objects per picture and their probabilities (about four on average: more objects per picture
+# is more to learn from per training step). An object that finds no place is left out.
+_NUM_OBJECTS = (2, 3, 4, 5, 6)
+_NUM_OBJECTS_P = (0.15, 0.25, 0.25, 0.2, 0.15)
 # Smallest summed |RGB| difference (0..3) between an object's colour and what lies under it.
 _MIN_CONTRAST = 0.9
 # cv2 polygon vertices carry this many fractional bits, for sub-pixel edges.

@@ -3,5 +3,12 @@
 from .backbone import DeformableDetrBackbone
 from .heads import MLP, build_prediction_heads
 from .meta_arch import DeformableDETR
+from .resnet import build_basic_resnet_backbone
 
-__all__ = ["DeformableDetrBackbone", "DeformableDETR", "MLP", "build_prediction_heads"]
+__all__ = [
+    "DeformableDetrBackbone",
+    "DeformableDETR",
+    "MLP",
+    "build_basic_resnet_backbone",
+    "build_prediction_heads",
+]
