@@ -54,9 +54,7 @@ def build_basic_resnet_backbone(cfg, input_shape=None):
     if any(r.DEFORM_ON_PER_STAGE):
         unsupported.append("MODEL.RESNETS.DEFORM_ON_PER_STAGE (must be all False)")
     if unsupported:
-        raise ValueError(
-            "build_basic_resnet_backbone does not support " + "; ".join(unsupported)
-        )
+        raise ValueError("build_basic_resnet_backbone does not support " + "; ".join(unsupported))
     _check_width("MODEL.RESNETS.STEM_OUT_CHANNELS", r.STEM_OUT_CHANNELS, r.NORM)
     _check_width("MODEL.RESNETS.RES2_OUT_CHANNELS", r.RES2_OUT_CHANNELS, r.NORM)
 
