@@ -19,21 +19,9 @@ import time
 
 import torch
 
+from .model import _rss_mib, _status_mib
+
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
-
-
-def _status_mib(field):
-    # VmHWM is the peak resident size of this process's own address space: unlike ru_maxrss it
-    # does not inherit the parent's peak across fork and exec.
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _rss_mib():
-    return _status_mib("VmRSS")
 
 
 def make_batch(cfg, seed=0):
