@@ -19,7 +19,7 @@ _BLOCKS_PER_STAGE = {18: [2, 2, 2, 2], 34: [3, 4, 6, 3]}
 def _check_width(name, value, norm):
     if not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if norm in ("GN", "SyncGN") and value % 32 != 0:
+    if norm == "GN" and value % 32 != 0:
         raise ValueError(
             f"{name} = {value} must be a multiple of 32 with MODEL.RESNETS.NORM = {norm!r} "
             "(GroupNorm with 32 groups)"
