@@ -156,7 +156,10 @@ def _heads(sd, heads, variant, source, key_names, notes):
     The top-level copy is the one the model uses; the decoder keeps references to the same
     modules (refinement, two-stage), and heads shared across layers may be stored only once.
     """
-    name = lambda k: key_names.get(k, k)  # noqa: E731
+
+    def name(k):
+        return key_names.get(k, k)
+
     repeated = 0
     for k in sorted(heads):
         first, *others = heads[k]

@@ -90,7 +90,10 @@ def variant_config(variant, source):
         the overrides as ``"KEY VALUE"`` strings.
     """
     config_file = _config_file(variant)
-    cfg = _base_cfg(config_file)
+    try:
+        cfg = _base_cfg(config_file)
+    except FileNotFoundError as e:
+        fail(source, str(e))
     overrides = []
     for field, key in _VARIANT_KEYS:
         value = variant.get(field)
@@ -99,7 +102,10 @@ def variant_config(variant, source):
             continue
         overrides.append(f"{key} {value}")
     opts = [part for item in overrides for part in item.split(" ", 1)]
-    cfg.merge_from_list(opts + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    try:
+        cfg.merge_from_list(opts + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
+    except (KeyError, ValueError) as e:
+        fail(source, f"configs/{config_file} with {' '.join(overrides)} cannot be built: {e}")
     return cfg, config_file, overrides
 
 
