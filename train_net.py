@@ -9,7 +9,7 @@ Examples (from the repository root)::
 
 from detectron2.engine import default_argument_parser, launch
 
-from deformable_detr.checkpointing import AtomicDetectionCheckpointer
+from deformable_detr.checkpoint import AtomicDetectionCheckpointer
 from deformable_detr.engine import Trainer, setup
 
 

@@ -2,6 +2,8 @@
 
 import argparse
 import re
+import struct
+import zipfile
 
 import pytest
 import torch
@@ -206,3 +208,36 @@ def test_converter_fails_clearly(official_file, converter_cli, tmp_path, capsys)
     )
     assert "nope" in err
     assert not (tmp_path / "never.pth").exists()
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "truncated", "corrupt"])
+def test_converter_names_an_unreadable_input(kind, official_file, converter_cli, tmp_path, capsys):
+    _, _, good = official_file("r50.yaml")
+    path = tmp_path / f"{kind}.pth"
+    data = open(good, "rb").read()
+    if kind == "empty":
+        path.write_bytes(b"")
+        reason = "empty"
+    elif kind == "text":
+        path.write_text("this is not a checkpoint\n")
+        reason = "not a"
+    elif kind == "truncated":
+        path.write_bytes(data[: len(data) // 2])
+        reason = "trunc"
+    else:
+        # Half of the bytes of the first tensor zeroed: only the zip CRCs can tell.
+        path.write_bytes(data)
+        with zipfile.ZipFile(path) as archive:
+            info = next(i for i in archive.infolist() if i.filename.endswith("data/0"))
+        with open(path, "r+b") as f:
+            f.seek(info.header_offset)
+            name_len, extra_len = struct.unpack("<HH", f.read(30)[26:30])
+            f.seek(info.header_offset + 30 + name_len + extra_len)
+            f.write(b"\x00" * (info.file_size // 2))
+        reason = "corrupt"
+    out = tmp_path / "never.pth"
+    err = _cli_error(
+        converter_cli, capsys, ["--from", "official", "--input", str(path), "--output", str(out)]
+    )
+    assert str(path) in err and reason in err, err
+    assert not out.exists()

@@ -2,7 +2,9 @@
 
 import logging
 import os
+import struct
 import types
+import zipfile
 
 import pytest
 import torch
@@ -10,14 +12,18 @@ from detectron2.data import build_detection_train_loader
 from detectron2.data.samplers import TrainingSampler
 from torch import nn
 
-from deformable_detr import checkpointing
-from deformable_detr.checkpointing import (
+from deformable_detr.checkpoint import (
     AtomicDetectionCheckpointer,
+    CheckpointFileError,
     DataPositionHook,
     ResumableSampler,
+)
+from deformable_detr.checkpoint import atomic as atomic_module
+from deformable_detr.checkpoint import (
     atomic_torch_save,
     is_complete_checkpoint,
 )
+from deformable_detr.checkpoint.data_position import sampler_seed_attribute
 
 
 class _Counter:
@@ -64,7 +70,7 @@ def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
         f.truncate(10)
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(checkpointing.torch, "save", failing_save)
+    monkeypatch.setattr(atomic_module.torch, "save", failing_save)
     with pytest.raises(OSError, match="No space left"):
         ckpt.save("model_0000003", iteration=3)
     # Overwriting an existing name fails the same way without touching the old file.
@@ -72,7 +78,11 @@ def test_save_is_atomic_when_the_write_fails(tmp_path, monkeypatch):
         ckpt.save("model_0000001", iteration=1)
     monkeypatch.undo()
 
-    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint",
+        "model_0000001.pth",
+        "model_0000001.pth.sha256",
+    ]
     assert (tmp_path / "model_0000001.pth").read_bytes() == good
     assert _tag(tmp_path) == "model_0000001.pth"
     counter.value = 0
@@ -88,9 +98,9 @@ def test_resume_falls_back_from_an_incomplete_tagged_file(tmp_path, caplog):
     # What a non-atomic writer leaves when killed mid-write: a tagged, truncated file.
     _truncate(tmp_path / "model_0000005.pth")
     assert not is_complete_checkpoint(str(tmp_path / "model_0000005.pth"))
-    with caplog.at_level(logging.WARNING, logger="deformable_detr.checkpointing"):
+    with caplog.at_level(logging.WARNING, logger="deformable_detr.checkpoint.checkpointer"):
         assert ckpt.get_checkpoint_file() == str(tmp_path / "model_0000003.pth")
-    assert "model_0000005.pth, which is missing or incomplete" in caplog.text
+    assert "model_0000005.pth, which is missing, incomplete or corrupt" in caplog.text
     assert ckpt.resume_or_load("", resume=True)["iteration"] == 3 and counter.value == 3
 
     # An empty tag (a tag write cut short by a non-atomic writer) falls back the same way.
@@ -126,7 +136,11 @@ def test_non_finite_weights_are_never_saved(tmp_path):
         ckpt.save("model_0000003", iteration=3)
     message = str(info.value)
     assert "at iteration 3" in message and "bias" in message and "model_0000001.pth" in message
-    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_0000001.pth"]
+    assert sorted(os.listdir(tmp_path)) == [
+        "last_checkpoint",
+        "model_0000001.pth",
+        "model_0000001.pth.sha256",
+    ]
 
 
 def test_stale_temporary_files_are_removed_on_resume(tmp_path):
@@ -171,8 +185,8 @@ def _loader(num_workers, seed=None):
 
 
 def _fake_trainer(loader, start_iter):
-    inner = types.SimpleNamespace(data_loader=loader, _data_loader_iter_obj=None)
-    return types.SimpleNamespace(_trainer=inner, start_iter=start_iter)
+    # What the hook sees of a DefaultTrainer: its public data_loader and start_iter.
+    return types.SimpleNamespace(data_loader=loader, start_iter=start_iter)
 
 
 def _batches(loader, n):
@@ -187,7 +201,7 @@ def test_data_position_hook_continues_the_stream(num_workers):
     first.trainer = _fake_trainer(_loader(num_workers), 0)
     state = first.state_dict()
     first.before_train()
-    uninterrupted = _batches(first.trainer._trainer.data_loader, 10)
+    uninterrupted = _batches(first.trainer.data_loader, 10)
 
     # The resumed process: a new loader with another random seed, then resume at iteration 6.
     resumed = DataPositionHook(BATCH)
@@ -195,7 +209,7 @@ def test_data_position_hook_continues_the_stream(num_workers):
     assert resumed.state_dict()["seed"] != state["seed"]
     resumed.load_state_dict(state)
     resumed.before_train()
-    assert _batches(resumed.trainer._trainer.data_loader, 4) == uninterrupted[6:]
+    assert _batches(resumed.trainer.data_loader, 4) == uninterrupted[6:]
 
     # Without the hook, the data stream would have restarted.
     assert _batches(_loader(num_workers, seed=state["seed"]), 4) == uninterrupted[:4]
@@ -208,3 +222,115 @@ def test_resumable_sampler():
     assert [i for _, i in zip(range(5), iter(skipped))] == [i for _, i in stream[7:12]]
     with pytest.raises(ValueError, match="start"):
         ResumableSampler(base, start=-1)
+
+
+def test_sampler_seed_access_fails_loudly_when_detectron2_changes():
+    # Detectron2's samplers keep their seed in a private attribute: the one accessor must notice
+    # when a new Detectron2 keeps it elsewhere, instead of saving nothing and resuming another order.
+    sampler = TrainingSampler(5, seed=3)
+    assert ResumableSampler(sampler).seed == 3
+    del sampler._seed
+    with pytest.raises(RuntimeError, match="TrainingSampler has no integer '_seed'"):
+        sampler_seed_attribute(sampler)
+    # A sampler of another library simply has no seed to save.
+    assert sampler_seed_attribute(torch.utils.data.SequentialSampler(range(3))) is None
+    assert ResumableSampler(torch.utils.data.SequentialSampler(range(3))).seed is None
+
+
+# ------------------------------------------------------------------------------------------------
+# Corrupt and unreadable files
+# ------------------------------------------------------------------------------------------------
+
+
+def _member_span(path, suffix):
+    """(offset, size) of the bytes of the first zip member whose name ends with ``suffix``."""
+    with zipfile.ZipFile(path) as archive:
+        info = next(i for i in archive.infolist() if i.filename.endswith(suffix))
+    with open(path, "rb") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len, info.file_size
+
+
+def _zero_half_of_a_tensor(path):
+    # data/0 is the first tensor storage torch.save wrote: the Linear weight.
+    offset, size = _member_span(path, "data/0")
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(b"\x00" * (size // 2))
+
+
+def _scribble(path):
+    size = os.path.getsize(path)
+    g = torch.Generator().manual_seed(0)
+    noise = bytes(torch.randint(0, 256, (64,), generator=g, dtype=torch.uint8).tolist())
+    with open(path, "r+b") as f:
+        f.seek(size // 2 - 32)
+        f.write(noise)
+
+
+def _wide_checkpointer(tmp_path):
+    # A weight of several kilobytes, so that a damaged half is a damaged tensor.
+    os.makedirs(tmp_path, exist_ok=True)
+    torch.manual_seed(0)
+    model = nn.Linear(64, 32)
+    counter = _Counter()
+    return AtomicDetectionCheckpointer(model, str(tmp_path), counter=counter), model, counter
+
+
+@pytest.mark.parametrize("damage", [_zero_half_of_a_tensor, _scribble], ids=["zeroed", "scribbled"])
+def test_resume_falls_back_past_a_corrupt_tagged_file(tmp_path, caplog, damage):
+    ckpt, model, counter = _wide_checkpointer(tmp_path)
+    for it in (1, 3):
+        counter.value = it
+        with torch.no_grad():
+            model.weight.add_(1.0)
+        ckpt.save(f"model_{it:07d}", iteration=it)
+    good = {k: v.clone() for k, v in torch.load(tmp_path / "model_0000001.pth")["model"].items()}
+    damage(str(tmp_path / "model_0000003.pth"))
+    with caplog.at_level(logging.WARNING):
+        extra = ckpt.resume_or_load("", resume=True)
+    assert extra["iteration"] == 1 and counter.value == 1
+    assert torch.equal(model.weight, good["weight"])
+    assert "model_0000003.pth" in caplog.text and "corrupt" in caplog.text
+
+
+def test_model_weights_pointing_at_a_corrupt_file_fails_naming_it(tmp_path):
+    ckpt, model, counter = _wide_checkpointer(tmp_path / "run")
+    ckpt.save("model_0000001", iteration=1)
+    path = str(tmp_path / "run" / "model_0000001.pth")
+    _zero_half_of_a_tensor(path)
+    other, _, _ = _wide_checkpointer(tmp_path / "other")
+    with pytest.raises(CheckpointFileError) as info:
+        other.resume_or_load(path, resume=False)
+    assert path in str(info.value) and "corrupt" in str(info.value)
+
+    # Without a checksum beside it (a converted or foreign file), the zip CRCs still catch it.
+    os.remove(path + ".sha256")
+    other, _, _ = _wide_checkpointer(tmp_path / "another")
+    with pytest.raises(CheckpointFileError) as info:
+        other.resume_or_load(path, resume=False)
+    assert path in str(info.value) and "corrupt" in str(info.value)
+
+
+def _unreadable_files(tmp_path):
+    good = tmp_path / "good.pth"
+    torch.save({"model": nn.Linear(64, 32).state_dict()}, good)
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    text = tmp_path / "text.pth"
+    text.write_text("this is not a checkpoint\n")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    return {"empty": (empty, "empty"), "text": (text, "not a"), "truncated": (truncated, "trunc")}
+
+
+@pytest.mark.parametrize("kind", ["empty", "text", "truncated"])
+def test_model_weights_pointing_at_an_unreadable_file_fails_naming_it(tmp_path, kind):
+    path, reason = _unreadable_files(tmp_path)[kind]
+    ckpt, model, _ = _wide_checkpointer(tmp_path / "out")
+    with pytest.raises(CheckpointFileError) as info:
+        ckpt.resume_or_load(str(path), resume=False)
+    message = str(info.value)
+    assert str(path) in message and reason in message, message

@@ -17,7 +17,7 @@ import torch
 from detectron2.engine import HookBase
 from PIL import Image
 
-from deformable_detr.checkpointing import is_complete_checkpoint
+from deformable_detr.checkpoint import is_complete_checkpoint
 
 REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
 BASE_CONFIG = os.path.join(

@@ -32,7 +32,7 @@ from detectron2.solver.build import get_default_optimizer_params, maybe_add_grad
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
-from .checkpointing import AtomicDetectionCheckpointer, DataPositionHook
+from .checkpoint import AtomicDetectionCheckpointer, DataPositionHook
 from .config import add_deformable_detr_config
 from .data import DeformableDetrDatasetMapper
 from .data.image_cache import build_shared_image_cache

@@ -20,7 +20,6 @@ file and the key.
 
 import argparse
 import logging
-import os
 import sys
 
 from deformable_detr.checkpoint import (
@@ -32,8 +31,6 @@ from deformable_detr.checkpoint import (
 )
 
 logger = logging.getLogger("deformable_detr.convert_checkpoint")
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs")
 
 
 def build_parser():
@@ -65,28 +62,19 @@ def build_parser():
     return parser
 
 
-def verify(checkpoint):
+def verify(checkpoint, source):
     """Build the model of the matching config (with the reported overrides) and check the weights.
 
     Args:
         checkpoint (dict): the output of ``convert_checkpoint``.
+        source (str): the input file, for messages.
     """
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from deformable_detr import add_deformable_detr_config
+    from deformable_detr.checkpoint.variant import variant_config
 
-    variant = checkpoint["deformable_detr_variant"]
-    config_file = variant["config_file"]
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIG_DIR, config_file))
-    opts = []
-    for item in variant["overrides"]:
-        opts.extend(item.split(" ", 1))
-    cfg.merge_from_list(opts + ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""])
-    model = build_model(cfg)
-    check_state_dict_compatibility(model, checkpoint["model"])
+    cfg, config_file, _ = variant_config(checkpoint["deformable_detr_variant"], source)
+    check_state_dict_compatibility(build_model(cfg), checkpoint["model"])
     print(f"verified: the weights match the model of configs/{config_file} exactly")
 
 
@@ -106,7 +94,7 @@ def main(argv=None):
     print(format_conversion_report(checkpoint["conversion_report"]))
     if args.verify:
         try:
-            verify(checkpoint)
+            verify(checkpoint, args.input)
         except RuntimeError as e:
             print(f"error: {args.input}: {e}", file=sys.stderr)
             return 1
