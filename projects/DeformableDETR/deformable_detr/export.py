@@ -54,10 +54,10 @@ _OP_NAME = "deformable_detr::ms_deform_attn_forward"
 class DeformableDetrExportWrapper(nn.Module):
     """The detector as a function of image tensors only.
 
-    Runs what ``DeformableDETR.forward`` runs at inference on one image, or on a batch of images
-    of one size: normalisation, backbone and input projections, position encoding, transformer,
-    the last decoder layer's heads and the top-K selection over queries x classes. Nothing is
-    padded, so every feature level is valid everywhere, as for a single image in the eager model.
+    Calls the code ``DeformableDETR.forward`` runs at inference, on one image or on a batch of
+    images of one size: ``normalize``, ``backbone.features``, ``predict`` and
+    ``select_detections``. Nothing is padded, so every feature level is valid everywhere, as for
+    a single image in the eager model, whose detections it gives bit for bit.
 
     Boxes are in the pixels of the input image: the caller maps them back to the original
     picture if it resized it. For a single image they are clipped to the image and empty ones
