@@ -132,3 +132,75 @@ def test_defaults_match_contract():
     assert not d.WITH_BOX_REFINE and not d.TWO_STAGE and d.TWO_STAGE_NUM_PROPOSALS == 300
     assert d.AUX_LOSS and d.FOCAL_ALPHA == 0.25 and d.FOCAL_GAMMA == 2.0
     assert math.isclose(cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE, 0.1)
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _get(cfg, dotted):
+    for part in dotted.split("."):
+        cfg = cfg[part]
+    return list(cfg) if isinstance(cfg, (list, tuple)) else cfg
+
+
+@pytest.mark.parametrize("path", ALL_CONFIGS, ids=os.path.basename)
+def test_yaml_states_only_what_differs(path):
+    """Defaults live in add_deformable_detr_config (and Detectron2): the base file sets only what
+    differs from them, and each variant only what differs from its base."""
+    import yaml
+
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    if "_BASE_" in raw:
+        parent = load(os.path.join(os.path.dirname(path), raw.pop("_BASE_")))
+    else:
+        parent = get_cfg()
+        add_deformable_detr_config(parent)
+    cfg = load(path)
+    restated = [
+        key
+        for key, _ in _leaves(raw)
+        if key not in ("VERSION", "MODEL.DEVICE") and _get(cfg, key) == _get(parent, key)
+    ]
+    assert not restated, f"{os.path.basename(path)} restates inherited values: {restated}"
+
+
+# Values the YAML files inherit instead of stating them; pinned so that the defaults cannot
+# change a published or documented config unnoticed.
+INHERITED = {
+    "quickstart.yaml": {
+        "MODEL.RESNETS.OUT_FEATURES": ["res3", "res4", "res5"],
+        "MODEL.DEFORMABLE_DETR.IN_FEATURES": ["res3", "res4", "res5"],
+        "MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS": 4,
+        "MODEL.DEFORMABLE_DETR.ENC_N_POINTS": 4,
+        "MODEL.DEFORMABLE_DETR.DEC_N_POINTS": 4,
+        "SOLVER.OPTIMIZER": "ADAMW",
+        "SOLVER.WEIGHT_DECAY": 1e-4,
+        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": "full_model",
+        "SOLVER.CLIP_GRADIENTS.CLIP_VALUE": 0.1,
+        "INPUT.RANDOM_FLIP": "horizontal",
+        "INPUT.MIN_SIZE_TRAIN_SAMPLING": "choice",
+        "TEST.DETECTIONS_PER_IMAGE": 100,
+    },
+    "r50_two_stage.yaml": {"MODEL.DEFORMABLE_DETR.TWO_STAGE_NUM_PROPOSALS": 300},
+    "Base-DeformableDETR.yaml": {
+        "MODEL.BACKBONE.NAME": "build_resnet_backbone",
+        "INPUT.RANDOM_FLIP": "horizontal",
+        "MODEL.DEFORMABLE_DETR.NUM_CLASSES": 80,
+        "MODEL.DEFORMABLE_DETR.AUX_LOSS": True,
+        "MODEL.DEFORMABLE_DETR.FOCAL_ALPHA": 0.25,
+        "VERSION": 2,
+    },
+}
+
+
+@pytest.mark.parametrize("name", sorted(INHERITED))
+def test_inherited_values(name):
+    cfg = load(os.path.join(CONFIG_DIR, name))
+    for key, value in INHERITED[name].items():
+        assert _get(cfg, key) == value, key

@@ -141,6 +141,18 @@ def test_output_shapes_of_every_variant(variant):
         assert (boxes[:, 0::2] <= w).all() and (boxes[:, 1::2] <= h).all() and (boxes >= 0).all()
 
 
+@pytest.mark.parametrize("variant", ["r50", "r50_box_refine", "r50_two_stage"])
+def test_box_heads_run_once_per_decoder_layer(variant):
+    model = _model(tiny_cfg(**VARIANTS[variant])).eval()
+    calls = []
+    for head in set(model.bbox_embed):
+        head.register_forward_hook(lambda module, args, out: calls.append(module))
+    with torch.no_grad():
+        model([{"image": _image(48, 64, 3)}])
+    # Two decoder layers, plus the encoder proposals in two-stage mode.
+    assert len(calls) == 2 + model.two_stage
+
+
 def test_state_dict_layout():
     plain = _model(tiny_cfg()).state_dict()
     refine = _model(tiny_cfg(refine=True)).state_dict()

@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 from deformable_detr.layers import MultiScaleDeformableAttention
+from deformable_detr.modeling.heads import inverse_sigmoid
 from deformable_detr.modeling.position_encoding import PositionEmbeddingSine
-from deformable_detr.modeling.transformer import DeformableTransformer, inverse_sigmoid
+from deformable_detr.modeling.transformer import DeformableTransformer
 
 D_MODEL = 64
 VARIANTS = {
@@ -193,7 +194,7 @@ def test_from_config():
 def test_output_shapes(variant, levels):
     t, ce, be = _build(variant, levels)
     srcs, masks, pos = _inputs(levels, [CANVAS, SMALL], CANVAS)
-    (hs, init_ref, inter, enc_cls, enc_coord), memory = _run(
+    (hs, init_ref, inter, boxes, enc_cls, enc_coord), memory = _run(
         t, ce, be, srcs, masks, pos, _query_embed()
     )
     q = 8 if variant == "two_stage" else 5
@@ -203,7 +204,8 @@ def test_output_shapes(variant, levels):
     ref_dim = 4 if variant == "two_stage" else 2
     assert init_ref.shape == (2, q, ref_dim)
     assert inter.shape == (2, 2, q, 2 if variant == "plain" else 4)
-    for r in (init_ref, inter):
+    assert boxes.shape == (2, 2, q, 4)
+    for r in (init_ref, inter, boxes):
         assert ((r >= 0) & (r <= 1)).all()
     if variant == "plain":
         # Without refinement every layer keeps the initial references.
@@ -249,11 +251,12 @@ def test_padding_does_not_change_the_outputs(variant, levels):
 
     tokens = _valid_tokens(CANVAS, SMALL, levels)
     torch.testing.assert_close(mem_b[1, tokens], mem_1[0], atol=1e-5, rtol=1e-5)
-    hs_b, init_b, inter_b, cls_b, coord_b = out_b
-    hs_1, init_1, inter_1, cls_1, coord_1 = out_1
+    hs_b, init_b, inter_b, boxes_b, cls_b, coord_b = out_b
+    hs_1, init_1, inter_1, boxes_1, cls_1, coord_1 = out_1
     torch.testing.assert_close(hs_b[:, 1], hs_1[:, 0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(init_b[1], init_1[0], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(inter_b[:, 1], inter_1[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(boxes_b[:, 1], boxes_1[:, 0], atol=1e-5, rtol=1e-5)
     if variant == "two_stage":
         torch.testing.assert_close(cls_b[1, tokens], cls_1[0], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(coord_b[1, tokens], coord_1[0], atol=1e-5, rtol=1e-5)
@@ -281,7 +284,7 @@ def test_two_stage_never_selects_padding():
     num_padded = sum(h * w for h, w in CANVAS) - num_valid
     assert t.two_stage_num_proposals <= min(num_valid, num_padded)
     with torch.no_grad():
-        _, init_ref, _, enc_cls, _ = t(srcs, masks, pos, None, ce, be)
+        _, init_ref, _, _, enc_cls, _ = t(srcs, masks, pos, None, ce, be)
         flat_mask = torch.cat([m.flatten(1) for m in masks], 1)
         # The setup really favours padding: the best raw scores of image 1 are padded tokens.
         best = enc_cls[1, :, 0].topk(t.two_stage_num_proposals).indices
@@ -297,10 +300,10 @@ def test_gradients_reach_every_parameter(variant):
     srcs, masks, pos = _inputs(2, [CANVAS, SMALL], CANVAS)
     query_embed = _query_embed().requires_grad_()
     srcs = [s.requires_grad_() for s in srcs]
-    hs, init_ref, inter, enc_cls, enc_coord = t(
+    hs, init_ref, inter, boxes, enc_cls, enc_coord = t(
         srcs, masks, pos, None if t.two_stage else query_embed, ce, be
     )
-    loss = hs.square().sum() + init_ref.sum()
+    loss = hs.square().sum() + init_ref.sum() + boxes.sum()
     if variant == "two_stage":
         valid = ~torch.cat([m.flatten(1) for m in masks], 1)
         loss = loss + enc_cls.sum() + enc_coord[valid].sum()
@@ -308,6 +311,8 @@ def test_gradients_reach_every_parameter(variant):
     for name, p in t.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     assert all(s.grad is not None for s in srcs)
+    # Every layer's box head is trained by that layer's boxes.
+    assert all(p.grad is not None for p in be[: t.decoder.num_layers].parameters())
     if variant != "plain":
         # References are detached between layers.
         assert not inter.requires_grad
@@ -320,13 +325,29 @@ def test_refinement_uses_the_given_heads_per_layer():
     srcs, masks, pos = _inputs(2, [CANVAS], CANVAS)
     query_embed = _query_embed()
     with torch.no_grad():
-        hs, init_ref, inter, _, _ = t(srcs, masks, pos, query_embed, ce, be)
+        hs, init_ref, inter, boxes, _, _ = t(srcs, masks, pos, query_embed, ce, be)
         # Layer 0 turns the 2-d points into boxes; layer 1 refines those boxes.
         delta0 = be[0](hs[0])
         expected0 = torch.cat([delta0[..., :2] + inverse_sigmoid(init_ref), delta0[..., 2:]], -1)
         torch.testing.assert_close(inter[0], expected0.sigmoid())
         expected1 = (be[1](hs[1]) + inverse_sigmoid(inter[0])).sigmoid()
         torch.testing.assert_close(inter[1], expected1)
+    # Each layer's predicted boxes are the references of the next: the heads ran once.
+    torch.testing.assert_close(boxes, inter, atol=0, rtol=0)
+
+
+def test_boxes_without_refinement_are_around_the_initial_references():
+    t, ce, be = _build("plain", 2, dec_layers=2)
+    srcs, masks, pos = _inputs(2, [CANVAS], CANVAS)
+    with torch.no_grad():
+        hs, init_ref, inter, boxes, _, _ = t(srcs, masks, pos, _query_embed(), ce, be)
+        torch.testing.assert_close(inter, init_ref.expand_as(inter), atol=0, rtol=0)
+        for lid in range(2):
+            delta = be[lid](hs[lid])
+            expected = torch.cat([delta[..., :2] + inverse_sigmoid(init_ref), delta[..., 2:]], -1)
+            torch.testing.assert_close(boxes[lid], expected.sigmoid())
+        # The transformer alone, without heads, predicts no boxes.
+        assert t(srcs, masks, pos, _query_embed())[3] is None
 
 
 def test_inverse_sigmoid():
@@ -338,24 +359,16 @@ def test_inverse_sigmoid():
     torch.testing.assert_close(inverse_sigmoid(z.sigmoid()), z, atol=1e-4, rtol=1e-4)
 
 
-def test_bad_inputs_raise_clear_errors():
-    t, ce, be = _build("plain", 2)
-    srcs, masks, pos = _inputs(2, [CANVAS], CANVAS)
-    with pytest.raises(ValueError, match="levels"):
-        t(srcs[:1], masks[:1], pos[:1], _query_embed(), ce, be)
-    with pytest.raises(ValueError, match="query_embed"):
-        t(srcs, masks, pos, None, ce, be)
-    with pytest.raises(ValueError, match="masks\\[1\\]"):
-        t(srcs, [masks[0], masks[1].float()], pos, _query_embed(), ce, be)
-    with pytest.raises(ValueError, match="pos_embeds\\[0\\]"):
-        t(srcs, masks, [pos[0][:, :, :1], pos[1]], _query_embed(), ce, be)
-    t2, ce2, be2 = _build("two_stage", 2)
-    with pytest.raises(ValueError, match="class_embed"):
-        t2(srcs, masks, pos, None, ce2[:2], be2)
+def test_bad_arguments_raise_clear_errors():
+    # Tensors are checked once, where they enter the attention op (tests/layers).
     with pytest.raises(ValueError, match="divisible"):
         DeformableTransformer(d_model=30, nhead=4)
     with pytest.raises(ValueError, match="activation"):
         DeformableTransformer(d_model=32, nhead=4, activation="tanh")
+    t, _, _ = _build("refine", 2)
+    srcs, masks, pos = _inputs(2, [CANVAS], CANVAS)
+    with pytest.raises(ValueError, match="refinement needs bbox_embed"):
+        t(srcs, masks, pos, _query_embed())
 
 
 def _to_hf_names(state_dict):
@@ -444,7 +457,7 @@ def test_matches_transformers_implementation(variant):
     with torch.no_grad():
         ref = hf(pixel_values=torch.zeros(len(sizes), 3, 16, 16))
 
-    hs, init_ref, inter, enc_cls, enc_coord = out
+    hs, init_ref, inter, _, enc_cls, enc_coord = out
     close = dict(atol=1e-5, rtol=1e-5)
     valid = ~torch.cat([m.flatten(1) for m in masks], 1)
     torch.testing.assert_close(memory[valid], ref.encoder_last_hidden_state[valid], **close)
@@ -466,10 +479,10 @@ def _autocast_run(device, dtype, variant):
         expected = t(srcs, masks, pos, query_embed, ce, be)
         with torch.autocast(device, dtype=dtype):
             out = t(srcs, masks, pos, query_embed, ce, be)
-    hs, init_ref, inter, _, _ = out
+    hs, init_ref, inter, boxes, _, _ = out
     assert torch.isfinite(hs).all()
     # References stay in float32: they feed inverse_sigmoid and the sampling locations.
-    assert init_ref.dtype == inter.dtype == torch.float32
+    assert init_ref.dtype == inter.dtype == boxes.dtype == torch.float32
     if not t.two_stage:  # low precision may reorder the two-stage top-k
         torch.testing.assert_close(hs.float(), expected[0], atol=0.1, rtol=0.05)
 
@@ -490,5 +503,5 @@ def test_runs_under_cuda_autocast_and_matches_cpu():
         t, ce, be = t.cuda(), ce.cuda(), be.cuda()
         cuda_in = ([x.cuda() for x in xs] for xs in (srcs, masks, pos))
         out_cuda = t(*cuda_in, _query_embed().cuda(), ce, be)
-    for a, b in zip(out[:3], out_cuda[:3]):
+    for a, b in zip(out[:4], out_cuda[:4]):
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)

@@ -1,8 +1,10 @@
 """Config keys of Deformable DETR: ``add_deformable_detr_config`` adds them to a Detectron2 cfg.
 
 Model keys live under ``cfg.MODEL.DEFORMABLE_DETR``; the optimiser extras the official recipe needs
-(AdamW, learning-rate multipliers, full-model gradient clipping) live under ``cfg.SOLVER``. Values
-that depend on the dataset or the schedule (number of classes aside) are set by the YAML files.
+(AdamW, learning-rate multipliers, full-model gradient clipping) live under ``cfg.SOLVER``. The
+defaults here are the official model's and are declared nowhere else: the YAML files state only
+what differs from them (dataset, schedule, variant). ``check_deformable_detr_config`` is the one
+check of the model keys, run when the model is built.
 """
 
 from detectron2.config import CfgNode as CN
@@ -96,10 +98,10 @@ def add_deformable_detr_config(cfg):
 
 
 def check_deformable_detr_config(cfg):
-    """Raise a ValueError naming the key for values of cfg.MODEL.DEFORMABLE_DETR that cannot work.
+    """Raise a ValueError naming the key for model config values that cannot work.
 
-    The model builder calls it, so a bad config fails at build time instead of deep inside a
-    layer; keys that depend on the backbone are checked by the backbone adapter.
+    ``DeformableDETR.from_config`` calls it, so a bad config fails at build time instead of deep
+    inside a layer; keys that depend on the backbone are checked by the backbone adapter.
 
     Args:
         cfg (CfgNode): a config with the Deformable DETR keys.
@@ -140,3 +142,12 @@ def check_deformable_detr_config(cfg):
     ):
         need(getattr(d, key) >= 0, key, "must be >= 0")
     need(d.FOCAL_GAMMA >= 0, "FOCAL_GAMMA", "must be >= 0")
+    if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
+        raise ValueError(
+            f"TEST.DETECTIONS_PER_IMAGE = {cfg.TEST.DETECTIONS_PER_IMAGE}: must be >= 1"
+        )
+    if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
+        raise ValueError(
+            f"MODEL.PIXEL_MEAN {list(cfg.MODEL.PIXEL_MEAN)} and MODEL.PIXEL_STD "
+            f"{list(cfg.MODEL.PIXEL_STD)} differ in length"
+        )

@@ -21,9 +21,8 @@ import warnings
 
 import torch
 from torch import nn
-from torchvision.ops import box_convert
 
-from .modeling.transformer import inverse_sigmoid
+from .modeling.heads import select_detections
 
 __all__ = [
     "DeformableDetrExportWrapper",
@@ -55,10 +54,10 @@ _OP_NAME = "deformable_detr::ms_deform_attn_forward"
 class DeformableDetrExportWrapper(nn.Module):
     """The detector as a function of image tensors only.
 
-    Runs what ``DeformableDETR.forward`` runs at inference on one image, or on a batch of images
-    of one size: normalisation, backbone and input projections, position encoding, transformer,
-    the last decoder layer's heads and the top-K selection over queries x classes. Nothing is
-    padded, so every feature level is valid everywhere, as for a single image in the eager model.
+    Calls the code ``DeformableDETR.forward`` runs at inference, on one image or on a batch of
+    images of one size: ``normalize``, ``backbone.features``, ``predict`` and
+    ``select_detections``. Nothing is padded, so every feature level is valid everywhere, as for
+    a single image in the eager model, whose detections it gives bit for bit.
 
     Boxes are in the pixels of the input image: the caller maps them back to the original
     picture if it resized it. For a single image they are clipped to the image and empty ones
@@ -72,27 +71,14 @@ class DeformableDetrExportWrapper(nn.Module):
             model (DeformableDETR): a built detector; put it in eval mode before exporting.
         """
         super().__init__()
-        body = model.backbone.body
-        divisibility = _body_divisibility(body)
+        divisibility = model.backbone.body_size_divisibility
         if divisibility > 1:
             raise ValueError(
-                f"cannot export a DeformableDETR whose backbone {type(body).__name__} needs inputs "
-                f"padded to a multiple of {divisibility}: the padding would be seen as image "
-                "content. Export supports backbones without a size constraint (ResNet)."
+                f"cannot export a DeformableDETR whose backbone {type(model.backbone.body).__name__} "
+                f"needs inputs padded to a multiple of {divisibility}: the padding would be seen "
+                "as image content. Export supports backbones without a size constraint (ResNet)."
             )
         self.model = model
-
-    def _features(self, x):
-        # The backbone adapter's per-level computation for one unpadded size; its forward takes
-        # an ImageList and reads the sizes as Python ints, which a dynamic export cannot do.
-        backbone = self.model.backbone
-        feats = backbone.body(x)
-        srcs = [proj(feats[name]) for proj, name in zip(backbone.input_proj, backbone.in_features)]
-        prev = feats[backbone.in_features[-1]]
-        for proj in backbone.input_proj[len(backbone.in_features) :]:
-            prev = proj(prev)
-            srcs.append(prev)
-        return srcs
 
     def forward(self, image):
         """
@@ -114,34 +100,13 @@ class DeformableDetrExportWrapper(nn.Module):
                 f"image must be ({channels}, H, W) or (N, {channels}, H, W), "
                 f"got {tuple(image.shape)}"
             )
-        x = (images.to(model.pixel_mean.dtype) - model.pixel_mean) / model.pixel_std
-        srcs = self._features(x)
+        # The model's own path after preprocessing, on unpadded images: every level is valid.
+        srcs = model.backbone.features(model.normalize(images))
         masks = [torch.zeros_like(s[:, 0], dtype=torch.bool) for s in srcs]
-        pos = [model.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
-        query_embed = None if model.two_stage else model.query_embed.weight
-        hs, init_reference, inter_references, _, _ = model.transformer(
-            srcs, masks, pos, query_embed, model.class_embed, model.bbox_embed
+        outputs = model.predict(srcs, masks)
+        scores, classes, boxes = select_detections(
+            outputs["pred_logits"], outputs["pred_boxes"], model.detections_per_image
         )
-
-        # Inference reads the last decoder layer only; the same head arithmetic as forward_raw.
-        last = hs.shape[0] - 1
-        reference = inverse_sigmoid(init_reference if last == 0 else inter_references[last - 1])
-        logits = model.class_embed[last](hs[last])
-        delta = model.bbox_embed[last](hs[last])
-        if reference.shape[-1] == 4:
-            delta = delta + reference
-        else:
-            delta = torch.cat([delta[..., :2] + reference, delta[..., 2:]], dim=-1)
-        boxes = delta.sigmoid()
-
-        num_classes = logits.shape[-1]
-        prob = logits.sigmoid().flatten(1)
-        k = min(model.detections_per_image, prob.shape[1])
-        scores, index = prob.topk(k, dim=1)
-        query = torch.div(index, num_classes, rounding_mode="floor")
-        classes = index % num_classes
-        boxes = box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
-        boxes = torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))
         height, width = images.shape[-2:]
         # torch.full follows symbolic sizes in a dynamic export; a Python list would freeze them.
         limits = torch.stack(
@@ -155,11 +120,6 @@ class DeformableDetrExportWrapper(nn.Module):
         boxes, scores, classes = boxes[0], scores[0], classes[0]
         keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
         return boxes[keep], scores[keep], classes[keep]
-
-
-def _body_divisibility(body):
-    constraints = getattr(body, "padding_constraints", None) or {}
-    return int(constraints.get("size_divisibility", getattr(body, "size_divisibility", 0)) or 0)
 
 
 def min_dynamic_size(model):

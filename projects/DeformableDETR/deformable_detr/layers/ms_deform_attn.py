@@ -1,6 +1,5 @@
 """The multi-scale deformable attention module (projections, sampling locations, official init)."""
 
-import logging
 import math
 
 import torch
@@ -8,18 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ms_deform_attn_func import multi_scale_deformable_attention
+from .tracing import is_tracing
 
 __all__ = ["MultiScaleDeformableAttention"]
-
-logger = logging.getLogger(__name__)
-
-
-def _is_tracing_or_compiling():
-    compiler = getattr(torch, "compiler", None)
-    compiling = compiler is not None and (
-        compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()
-    )
-    return compiling or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -88,69 +78,6 @@ class MultiScaleDeformableAttention(nn.Module):
         nn.init.xavier_uniform_(self.output_proj.weight)
         nn.init.constant_(self.output_proj.bias, 0.0)
 
-    def _check_inputs(
-        self, query, reference_points, value, spatial_shapes, level_start_index, mask, level_shapes
-    ):
-        name = type(self).__name__
-        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"{name}: query must be (N, Lq, {self.embed_dim}), got {tuple(query.shape)}"
-            )
-        if value.dim() != 3 or value.shape[-1] != self.embed_dim:
-            raise ValueError(
-                f"{name}: value must be (N, S, {self.embed_dim}), got {tuple(value.shape)}"
-            )
-        n, lq = query.shape[:2]
-        if value.shape[0] != n:
-            raise ValueError(
-                f"{name}: query and value batch sizes differ ({n} vs {value.shape[0]})"
-            )
-        if reference_points.shape[-1] not in (2, 4):
-            raise ValueError(
-                f"{name}: the last dim of reference_points must be 2 (points) or 4 (boxes), "
-                f"got shape {tuple(reference_points.shape)}"
-            )
-        if tuple(reference_points.shape[:-1]) != (n, lq, self.num_levels):
-            raise ValueError(
-                f"{name}: reference_points must be (N, Lq, num_levels, 2 or 4) = "
-                f"({n}, {lq}, {self.num_levels}, 2 or 4), got {tuple(reference_points.shape)}"
-            )
-        if tuple(spatial_shapes.shape) != (self.num_levels, 2):
-            raise ValueError(
-                f"{name}: spatial_shapes must be (num_levels, 2) = ({self.num_levels}, 2), "
-                f"got {tuple(spatial_shapes.shape)}"
-            )
-        if tuple(level_start_index.shape) != (self.num_levels,):
-            raise ValueError(
-                f"{name}: level_start_index must be ({self.num_levels},), "
-                f"got {tuple(level_start_index.shape)}"
-            )
-        if mask is not None:
-            if mask.dtype != torch.bool or tuple(mask.shape) != tuple(value.shape[:2]):
-                raise ValueError(
-                    f"{name}: padding_mask must be a bool tensor of shape (N, S) = "
-                    f"{tuple(value.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}"
-                )
-        if level_shapes is not None:
-            if len(level_shapes) != self.num_levels:
-                raise ValueError(
-                    f"{name}: level_shapes must list {self.num_levels} (H, W) sizes, "
-                    f"got {len(level_shapes)}"
-                )
-            total = sum(h * w for h, w in level_shapes)
-        elif not _is_tracing_or_compiling():
-            # Reading the sizes back costs a device sync (skipped where it would break tracing);
-            # callers that know the sizes pass level_shapes instead.
-            total = int((spatial_shapes[:, 0] * spatial_shapes[:, 1]).sum())
-        else:
-            total = None
-        if total is not None:
-            if total != value.shape[1]:
-                raise ValueError(
-                    f"{name}: value length ({value.shape[1]}) must equal sum(H*W) of "
-                    f"spatial_shapes ({total})"
-                )
-
     def forward(
         self,
         query,
@@ -159,8 +86,6 @@ class MultiScaleDeformableAttention(nn.Module):
         spatial_shapes,
         level_start_index,
         padding_mask=None,
-        *,
-        level_shapes=None,
     ):
         """
         Args:
@@ -173,23 +98,23 @@ class MultiScaleDeformableAttention(nn.Module):
             level_start_index (Tensor): (L,) int64, start of every level in ``S``.
             padding_mask (Tensor or None): (N, S) bool, True at padded positions, whose values
                 are zeroed so that they never contribute.
-            level_shapes (list[tuple[int, int]] or None): the (H, W) of every level as Python
-                ints, when the caller has them: the value length is then checked against them
-                instead of reading ``spatial_shapes`` back from the device on every call.
 
         Returns:
             Tensor: (N, Lq, C).
         """
-        self._check_inputs(
-            query,
-            reference_points,
-            value,
-            spatial_shapes,
-            level_start_index,
-            padding_mask,
-            level_shapes,
-        )
         n, lq, _ = query.shape
+        # The op checks value, spatial_shapes and level_start_index; reference points of the
+        # wrong shape would broadcast silently into the sampling locations, so they are checked
+        # here, on metadata only.
+        if tuple(reference_points.shape) not in (
+            (n, lq, self.num_levels, 2),
+            (n, lq, self.num_levels, 4),
+        ):
+            raise ValueError(
+                f"{type(self).__name__}: reference_points must be (N, Lq, num_levels, 2 or 4) = "
+                f"({n}, {lq}, {self.num_levels}, 2 (points) or 4 (boxes)), "
+                f"got {tuple(reference_points.shape)}"
+            )
         s = value.shape[1]
         m, lvls, pts = self.num_heads, self.num_levels, self.num_points
 
@@ -214,7 +139,7 @@ class MultiScaleDeformableAttention(nn.Module):
         # Offsets are in cells of each level (2-d) or in fractions of the half box size (4-d).
         # Eagerly, one fused pass computes reference + offset * scale; traced graphs keep the
         # plain operators, which every export format knows.
-        fused = not _is_tracing_or_compiling()
+        fused = not is_tracing()
         if reference_points.shape[-1] == 2:
             normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1)
             normalizer = normalizer[None, None, None, :, None, :]

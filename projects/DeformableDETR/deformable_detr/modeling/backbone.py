@@ -18,6 +18,8 @@ from detectron2.modeling.backbone import ResNet
 from torch import nn
 from torch.nn import functional as F
 
+from ..layers.tracing import is_tracing
+
 __all__ = ["DeformableDetrBackbone"]
 
 
@@ -120,9 +122,19 @@ class DeformableDetrBackbone(nn.Module):
         """
         return [ShapeSpec(channels=self.hidden_dim, stride=s) for s in self._strides]
 
-    def _levels(self, x):
-        """Features of all levels for a batch of unpadded images of one size."""
-        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+    def features(self, x):
+        """Features of all levels for a batch of unpadded images of one size.
+
+        Every position of ``x`` is image content, so every position of every level is valid:
+        ``forward`` calls this per group of same-size images, and export calls it on its input.
+
+        Args:
+            x (Tensor): (N, C, H, W) normalised images.
+
+        Returns:
+            list[Tensor]: per level, (N, hidden_dim, H_l, W_l).
+        """
+        if x.device.type == "cpu" and not is_tracing():
             # oneDNN's CPU convolutions are faster on channels-last tensors (about a quarter less
             # time in a ResNet-50 at 800x1216); the results are equal up to float rounding.
             x = x.contiguous(memory_format=torch.channels_last)
@@ -134,7 +146,9 @@ class DeformableDetrBackbone(nn.Module):
             srcs.append(prev)
         return srcs
 
-    def _body_divisibility(self):
+    @property
+    def body_size_divisibility(self):
+        """int: the multiple the body needs the input sizes padded to (0 or 1: none)."""
         constraints = getattr(self.body, "padding_constraints", None) or {}
         return int(constraints.get("size_divisibility", self.body.size_divisibility) or 0)
 
@@ -155,7 +169,7 @@ class DeformableDetrBackbone(nn.Module):
         for i, size in enumerate(sizes):
             groups.setdefault(size, []).append(i)
 
-        divisibility = self._body_divisibility()
+        divisibility = self.body_size_divisibility
         per_group = []
         for (h, w), idx in groups.items():
             x = tensor[idx, :, :h, :w] if len(idx) < len(sizes) else tensor[:, :, :h, :w]
@@ -165,7 +179,7 @@ class DeformableDetrBackbone(nn.Module):
                 ph = int(math.ceil(h / divisibility)) * divisibility
                 pw = int(math.ceil(w / divisibility)) * divisibility
                 x = F.pad(x, (0, pw - w, 0, ph - h))
-                srcs = self._levels(x)
+                srcs = self.features(x)
                 valid = [
                     (
                         min(s.shape[-2], int(math.ceil(h * s.shape[-2] / ph))),
@@ -174,7 +188,7 @@ class DeformableDetrBackbone(nn.Module):
                     for s in srcs
                 ]
             else:
-                srcs = self._levels(x)
+                srcs = self.features(x)
                 valid = [tuple(s.shape[-2:]) for s in srcs]
             per_group.append((idx, srcs, valid))
 

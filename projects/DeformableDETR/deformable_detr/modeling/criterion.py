@@ -6,8 +6,6 @@ intermediate layer (suffix ``_{i}``) and, in two-stage mode, of the encoder prop
 ``_enc``, with every target relabelled as class 0: the encoder only scores foreground).
 """
 
-import logging
-
 import torch
 import torch.nn.functional as F
 from detectron2.config import configurable
@@ -18,8 +16,6 @@ from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 from .matcher import HungarianMatcher
 
 __all__ = ["SetCriterion"]
-
-logger = logging.getLogger(__name__)
 
 # The loss terms each loss type produces; the weight of every term must be in weight_dict.
 _LOSS_TERMS = {"labels": ("loss_class",), "boxes": ("loss_bbox", "loss_giou")}

@@ -1,17 +1,81 @@
-"""Prediction heads of Deformable DETR: the box MLP and the per-layer class and box heads.
+"""Prediction heads of Deformable DETR and the arithmetic on their outputs.
 
 ``build_prediction_heads`` makes the ``class_embed`` and ``bbox_embed`` module lists with the
 official initialisation and sharing: one module repeated for every decoder layer without box
 refinement, independent copies with it, plus one more head for the encoder in two-stage mode.
+``decode_boxes`` turns a box head's output into boxes around the layer's references, and
+``select_detections`` keeps the top-scoring (query, class) pairs: the decoder, the model's
+inference and the export wrapper all call these two, so they cannot drift apart.
 """
 
 import copy
 import math
 
+import torch
 from torch import nn
 from torch.nn import functional as F
+from torchvision.ops import box_convert
 
-__all__ = ["MLP", "build_prediction_heads"]
+__all__ = [
+    "MLP",
+    "build_prediction_heads",
+    "decode_boxes",
+    "inverse_sigmoid",
+    "select_detections",
+]
+
+
+def inverse_sigmoid(x, eps=1e-5):
+    """Logit of ``x`` clamped to [0, 1], with both ``x`` and ``1 - x`` clamped to at least ``eps``.
+
+    Args:
+        x (Tensor): values in [0, 1].
+        eps (float): smallest value kept away from 0 and 1.
+
+    Returns:
+        Tensor: same shape as ``x``.
+    """
+    x = x.clamp(min=0, max=1)
+    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
+
+
+def decode_boxes(delta, reference):
+    """Boxes from a box head's output and the references it corrects.
+
+    Args:
+        delta (Tensor): (..., 4) box head output, in logit space.
+        reference (Tensor): (..., 4) normalised (cx, cy, w, h) boxes, or (..., 2) normalised
+            (x, y) points, whose box size the head then predicts from scratch.
+
+    Returns:
+        Tensor: (..., 4) normalised (cx, cy, w, h), in the promoted dtype of both inputs.
+    """
+    reference = inverse_sigmoid(reference)
+    if reference.shape[-1] == 4:
+        return (delta + reference).sigmoid()
+    return torch.cat([delta[..., :2] + reference, delta[..., 2:]], -1).sigmoid()
+
+
+def select_detections(logits, boxes, k):
+    """The ``k`` top-scoring (query, class) pairs of every image, as the official post-processing.
+
+    Args:
+        logits (Tensor): (N, Q, C) class logits (one sigmoid per class).
+        boxes (Tensor): (N, Q, 4) normalised (cx, cy, w, h).
+        k (int): detections kept per image (at most Q * C).
+
+    Returns:
+        tuple[Tensor, Tensor, Tensor]: scores (N, K) by decreasing value, classes (N, K) int64
+        and boxes (N, K, 4) normalised (x0, y0, x1, y1), with K = min(k, Q * C).
+    """
+    num_classes = logits.shape[-1]
+    prob = logits.sigmoid().flatten(1)
+    scores, index = prob.topk(min(k, prob.shape[1]), dim=1)
+    query = torch.div(index, num_classes, rounding_mode="floor")
+    classes = index % num_classes
+    boxes = box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
+    boxes = torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))
+    return scores, classes, boxes
 
 
 class MLP(nn.Module):

@@ -1,23 +1,34 @@
-"""Sine position encoding of feature maps, computed from their padding masks."""
+"""Sine position encodings: of feature maps, computed from their padding masks, and of any
+values (``sine_encoding``, which the two-stage proposals use too)."""
 
-import logging
 import math
+from functools import partial
 
 import torch
 from detectron2.config import configurable
 from torch import nn
 
-__all__ = ["PositionEmbeddingSine"]
+from ..layers.tracing import is_tracing
 
-logger = logging.getLogger(__name__)
+__all__ = ["PositionEmbeddingSine", "sine_encoding"]
 
 
-def _is_tracing_or_compiling():
-    compiler = getattr(torch, "compiler", None)
-    compiling = compiler is not None and (
-        compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()
-    )
-    return compiling or torch.jit.is_tracing() or torch.jit.is_scripting()
+def sine_encoding(positions, num_feats, temperature=10000):
+    """The sine/cosine encoding of "Attention is all you need", of every value of ``positions``.
+
+    Args:
+        positions (Tensor): (...) float positions.
+        num_feats (int): features per position (even).
+        temperature (float): base of the frequency progression.
+
+    Returns:
+        Tensor: (..., num_feats), sin on even features and cos on odd ones, feature ``i`` at the
+        frequency ``temperature ** (-2 * (i // 2) / num_feats)``.
+    """
+    dim_t = torch.arange(num_feats, dtype=torch.float32, device=positions.device)
+    dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_feats)
+    pos = positions[..., None] / dim_t
+    return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
 
 class PositionEmbeddingSine(nn.Module):
@@ -74,28 +85,20 @@ class PositionEmbeddingSine(nn.Module):
             y_embed = (y_embed - 0.5) / (y_embed[:, -1:, :] + eps) * self.scale
             x_embed = (x_embed - 0.5) / (x_embed[:, :, -1:] + eps) * self.scale
 
-        if mask.device.type == "cpu" and not _is_tracing_or_compiling():
+        encode = partial(sine_encoding, num_feats=self.num_pos_feats, temperature=self.temperature)
+        if mask.device.type == "cpu" and not is_tracing():
             # A feature map has few distinct positions (about H + W per image): encode each once
             # and gather. The same elementwise formula on the same values gives the same bits,
             # without computing 2 * num_pos_feats sines and cosines per pixel.
             unique_y, index_y = torch.unique(y_embed, return_inverse=True)
             unique_x, index_x = torch.unique(x_embed, return_inverse=True)
-            table = self._encode(torch.cat((unique_y, unique_x)))
+            table = encode(torch.cat((unique_y, unique_x)))
             # One gather writes the output: (N, H, W, 2) rows of the table, y then x.
             index = torch.stack((index_y, index_x + unique_y.shape[0]), dim=-1)
             pos = table[index].flatten(3)
         else:
-            pos = torch.cat((self._encode(y_embed), self._encode(x_embed)), dim=3)
+            pos = torch.cat((encode(y_embed), encode(x_embed)), dim=3)
         return pos.permute(0, 3, 1, 2)
-
-    def _encode(self, positions):
-        """(...) positions -> (..., num_pos_feats): sin on even features, cos on odd ones."""
-        dim_t = torch.arange(self.num_pos_feats, dtype=torch.float32, device=positions.device)
-        dim_t = self.temperature ** (
-            2 * torch.div(dim_t, 2, rounding_mode="floor") / self.num_pos_feats
-        )
-        pos = positions[..., None] / dim_t
-        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=-1).flatten(-2)
 
     def extra_repr(self):
         return (

@@ -5,7 +5,6 @@ owned by the meta-architecture and handed to ``forward``; they are never registe
 state_dict holds each head once.
 """
 
-import logging
 import math
 
 import torch
@@ -14,6 +13,9 @@ from detectron2.config import configurable
 from torch import nn
 
 from ..layers import MultiScaleDeformableAttention
+from ..layers.tracing import is_tracing
+from .heads import decode_boxes
+from .position_encoding import sine_encoding
 
 __all__ = [
     "DeformableTransformer",
@@ -21,24 +23,7 @@ __all__ = [
     "DeformableTransformerEncoderLayer",
     "DeformableTransformerDecoder",
     "DeformableTransformerDecoderLayer",
-    "inverse_sigmoid",
 ]
-
-logger = logging.getLogger(__name__)
-
-
-def inverse_sigmoid(x, eps=1e-5):
-    """Logit of ``x`` clamped to [0, 1], with both ``x`` and ``1 - x`` clamped to at least ``eps``.
-
-    Args:
-        x (Tensor): values in [0, 1].
-        eps (float): smallest value kept away from 0 and 1.
-
-    Returns:
-        Tensor: same shape as ``x``.
-    """
-    x = x.clamp(min=0, max=1)
-    return torch.log(x.clamp(min=eps) / (1 - x).clamp(min=eps))
 
 
 def _upcast(x):
@@ -59,14 +44,6 @@ def _add_residual(x, branch):
     if branch.dtype == torch.promote_types(x.dtype, branch.dtype) and branch.shape == x.shape:
         return branch.add_(x)
     return x + branch
-
-
-def _is_tracing():
-    compiler = getattr(torch, "compiler", None)
-    compiling = compiler is not None and (
-        compiler.is_compiling() or getattr(compiler, "is_exporting", lambda: False)()
-    )
-    return compiling or torch.jit.is_tracing() or torch.jit.is_scripting()
 
 
 def _activation(name):
@@ -120,7 +97,6 @@ class DeformableTransformerEncoderLayer(nn.Module):
         spatial_shapes,
         level_start_index,
         padding_mask,
-        level_shapes=None,
     ):
         """
         Args:
@@ -130,7 +106,6 @@ class DeformableTransformerEncoderLayer(nn.Module):
             spatial_shapes (Tensor): (L, 2) int64.
             level_start_index (Tensor): (L,) int64.
             padding_mask (Tensor or None): (N, S) bool, True at padding.
-            level_shapes (list[tuple[int, int]] or None): ``spatial_shapes`` as Python ints.
 
         Returns:
             Tensor: (N, S, C).
@@ -142,7 +117,6 @@ class DeformableTransformerEncoderLayer(nn.Module):
             spatial_shapes,
             level_start_index,
             padding_mask,
-            level_shapes=level_shapes,
         )
         src = self.norm1(_add_residual(src, self.dropout1(attn)))
         ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
@@ -199,7 +173,6 @@ class DeformableTransformerDecoderLayer(nn.Module):
         spatial_shapes,
         level_start_index,
         padding_mask,
-        level_shapes=None,
     ):
         """
         Args:
@@ -210,7 +183,6 @@ class DeformableTransformerDecoderLayer(nn.Module):
             spatial_shapes (Tensor): (L, 2) int64.
             level_start_index (Tensor): (L,) int64.
             padding_mask (Tensor or None): (N, S) bool, True at padding.
-            level_shapes (list[tuple[int, int]] or None): ``spatial_shapes`` as Python ints.
 
         Returns:
             Tensor: (N, Q, C).
@@ -226,7 +198,6 @@ class DeformableTransformerDecoderLayer(nn.Module):
             spatial_shapes,
             level_start_index,
             padding_mask,
-            level_shapes=level_shapes,
         )
         tgt = self.norm1(tgt + self.dropout1(attn))
 
@@ -280,7 +251,6 @@ class DeformableTransformerEncoder(nn.Module):
         spatial_shapes,
         level_start_index,
         padding_mask,
-        level_shapes=None,
     ):
         """
         Args:
@@ -290,7 +260,6 @@ class DeformableTransformerEncoder(nn.Module):
             spatial_shapes (Tensor): (L, 2) int64.
             level_start_index (Tensor): (L,) int64.
             padding_mask (Tensor or None): (N, S) bool, True at padding.
-            level_shapes (list[tuple[int, int]] or None): ``spatial_shapes`` as Python ints.
 
         Returns:
             Tensor: (N, S, C) memory.
@@ -304,13 +273,13 @@ class DeformableTransformerEncoder(nn.Module):
                 spatial_shapes,
                 level_start_index,
                 padding_mask,
-                level_shapes,
             )
         return output
 
 
 class DeformableTransformerDecoder(nn.Module):
-    """A stack of decoder layers, optionally refining the reference points after every layer."""
+    """A stack of decoder layers that predicts boxes after every layer and, with iterative box
+    refinement, makes them the next layer's references."""
 
     def __init__(self, layers):
         """
@@ -332,7 +301,7 @@ class DeformableTransformerDecoder(nn.Module):
         valid_ratios,
         padding_mask,
         bbox_embed=None,
-        level_shapes=None,
+        refine=False,
     ):
         """
         Args:
@@ -344,20 +313,23 @@ class DeformableTransformerDecoder(nn.Module):
             level_start_index (Tensor): (L,) int64.
             valid_ratios (Tensor): (N, L, 2).
             padding_mask (Tensor or None): (N, S) bool, True at padding.
-            bbox_embed (nn.ModuleList or None): when given, ``bbox_embed[i]`` predicts a
-                correction of the references after layer ``i`` (iterative box refinement).
-            level_shapes (list[tuple[int, int]] or None): ``spatial_shapes`` as Python ints.
+            bbox_embed (nn.ModuleList or None): box heads: ``bbox_embed[i]`` predicts the boxes
+                of layer ``i`` around that layer's references.
+            refine (bool): iterative box refinement: the boxes of layer ``i`` are the references
+                of layer ``i + 1``. Needs ``bbox_embed``.
 
         Returns:
-            tuple[Tensor, Tensor]: hidden states (num_layers, N, Q, C) and the references after
-            every layer (num_layers, N, Q, 2 or 4).
+            tuple[Tensor, Tensor, Tensor or None]: hidden states (num_layers, N, Q, C), the
+            references after every layer (num_layers, N, Q, 2 or 4), and the boxes of every layer
+            (num_layers, N, Q, 4) as normalised (cx, cy, w, h), or None without ``bbox_embed``.
         """
+        if refine and bbox_embed is None:
+            raise ValueError("DeformableTransformerDecoder: box refinement needs bbox_embed")
         # The references live in the valid image's frame; the attention samples in the padded
         # map's frame of each level.
         ratios = {2: valid_ratios[:, None], 4: torch.cat([valid_ratios, valid_ratios], -1)[:, None]}
         output = tgt
-        hidden_states = []
-        references = []
+        hidden_states, references, boxes = [], [], []
         reference_input = None
         for lid, layer in enumerate(self.layers):
             if reference_input is None:
@@ -370,23 +342,18 @@ class DeformableTransformerDecoder(nn.Module):
                 spatial_shapes,
                 level_start_index,
                 padding_mask,
-                level_shapes,
             )
             if bbox_embed is not None:
-                delta = _upcast(bbox_embed[lid](output))
-                if reference_points.shape[-1] == 4:
-                    new_reference = delta + inverse_sigmoid(reference_points)
-                else:
-                    # Points become boxes: the head predicts (w, h) from scratch.
-                    new_reference = torch.cat(
-                        [delta[..., :2] + inverse_sigmoid(reference_points), delta[..., 2:]], -1
-                    )
-                # Each layer's box loss trains its own head only: no gradient through the chain.
-                reference_points = new_reference.sigmoid().detach()
-                reference_input = None
+                boxes.append(decode_boxes(_upcast(bbox_embed[lid](output)), reference_points))
+                if refine:
+                    # Each layer's box loss trains its own head only: no gradient through the
+                    # chain of references.
+                    reference_points = boxes[-1].detach()
+                    reference_input = None
             hidden_states.append(output)
             references.append(reference_points)
-        return torch.stack(hidden_states), torch.stack(references)
+        boxes = torch.stack(boxes) if boxes else None
+        return torch.stack(hidden_states), torch.stack(references), boxes
 
 
 class DeformableTransformer(nn.Module):
@@ -394,9 +361,10 @@ class DeformableTransformer(nn.Module):
     two-stage variants.
 
     The prediction heads (``class_embed``, ``bbox_embed``) belong to the caller and are passed to
-    :meth:`forward`: with box refinement the decoder uses ``bbox_embed[i]`` after layer ``i``; in
-    two-stage mode ``class_embed[num_decoder_layers]`` and ``bbox_embed[num_decoder_layers]``
-    score and regress the encoder proposals.
+    :meth:`forward`: the decoder predicts the boxes of layer ``i`` with ``bbox_embed[i]`` (and,
+    with box refinement, makes them the references of the next layer); in two-stage mode
+    ``class_embed[num_decoder_layers]`` and ``bbox_embed[num_decoder_layers]`` score and regress
+    the encoder proposals.
     """
 
     @configurable
@@ -532,68 +500,6 @@ class DeformableTransformer(nn.Module):
         not_mask = ~mask
         return not_mask[:, :, 0].sum(1), not_mask[:, 0, :].sum(1)
 
-    def _check_inputs(self, srcs, masks, pos_embeds, query_embed, class_embed, bbox_embed):
-        name = type(self).__name__
-        lengths = (len(srcs), len(masks), len(pos_embeds))
-        if lengths != (self.num_feature_levels,) * 3:
-            raise ValueError(
-                f"{name}: expected {self.num_feature_levels} levels in srcs, masks and pos_embeds, "
-                f"got {lengths}"
-            )
-        n = srcs[0].shape[0]
-        for lvl, (src, mask, pos) in enumerate(zip(srcs, masks, pos_embeds)):
-            if src.dim() != 4 or src.shape[0] != n or src.shape[1] != self.d_model:
-                raise ValueError(
-                    f"{name}: srcs[{lvl}] must be (N={n}, C={self.d_model}, H, W), "
-                    f"got {tuple(src.shape)}"
-                )
-            if mask.dtype != torch.bool or tuple(mask.shape) != (n, *src.shape[2:]):
-                raise ValueError(
-                    f"{name}: masks[{lvl}] must be a bool tensor {(n, *src.shape[2:])}, "
-                    f"got {mask.dtype} {tuple(mask.shape)}"
-                )
-            if pos.shape != src.shape:
-                raise ValueError(
-                    f"{name}: pos_embeds[{lvl}] must have the shape of srcs[{lvl}] "
-                    f"{tuple(src.shape)}, got {tuple(pos.shape)}"
-                )
-        num_dec = self.decoder.num_layers
-        if self.two_stage:
-            for arg, heads in (("class_embed", class_embed), ("bbox_embed", bbox_embed)):
-                if heads is None or len(heads) <= num_dec:
-                    raise ValueError(
-                        f"{name}: two-stage needs {arg} with at least {num_dec + 1} heads "
-                        f"(index {num_dec} scores the encoder proposals)"
-                    )
-        else:
-            if query_embed is None or tuple(query_embed.shape[1:]) != (2 * self.d_model,):
-                got = None if query_embed is None else tuple(query_embed.shape)
-                raise ValueError(
-                    f"{name}: query_embed must be (Q, {2 * self.d_model}) when two_stage is off, "
-                    f"got {got}"
-                )
-        if self.with_box_refine and (bbox_embed is None or len(bbox_embed) < num_dec):
-            raise ValueError(
-                f"{name}: box refinement needs bbox_embed with at least {num_dec} heads"
-            )
-
-    def get_proposal_pos_embed(self, proposals):
-        """Sine embedding of proposal boxes, ``d_model / 2`` (128) features per coordinate.
-
-        Args:
-            proposals (Tensor): (N, K, 4) unnormalised (logit) boxes.
-
-        Returns:
-            Tensor: (N, K, 2 * d_model).
-        """
-        num_pos_feats = self.d_model // 2
-        temperature = 10000
-        scale = 2 * math.pi
-        dim_t = torch.arange(num_pos_feats, dtype=torch.float32, device=proposals.device)
-        dim_t = temperature ** (2 * torch.div(dim_t, 2, rounding_mode="floor") / num_pos_feats)
-        pos = (proposals.sigmoid() * scale)[:, :, :, None] / dim_t
-        return torch.stack((pos[..., 0::2].sin(), pos[..., 1::2].cos()), dim=4).flatten(2)
-
     def gen_encoder_output_proposals(self, memory, padding_mask, spatial_shapes, valid_sizes):
         """One proposal per encoder token: a box centred on its cell, sized by its level.
 
@@ -644,21 +550,20 @@ class DeformableTransformer(nn.Module):
             pos_embeds (list[Tensor]): per level (N, C, H_l, W_l) position encodings.
             query_embed (Tensor or None): (Q, 2C) learned queries, position then content; None in
                 two-stage mode.
-            class_embed (nn.ModuleList or None): classification heads (two-stage only).
-            bbox_embed (nn.ModuleList or None): box heads (box refinement or two-stage).
+            class_embed (nn.ModuleList or None): class heads; index ``num_decoder_layers`` scores
+                the encoder proposals (two-stage only).
+            bbox_embed (nn.ModuleList or None): box heads, one per decoder layer (and one for the
+                encoder proposals in two-stage mode); needed for box refinement and two-stage.
 
         Returns:
             tuple: ``hs`` (num_decoder_layers, N, Q, C); ``init_reference`` (N, Q, 2 or 4) in
             [0, 1]; ``inter_references`` (num_decoder_layers, N, Q, 2 or 4) in [0, 1], the
-            references after each layer; ``enc_outputs_class`` (N, S, num_classes) and
-            ``enc_outputs_coord_unact`` (N, S, 4) in two-stage mode, else None.
+            references after each layer; ``boxes`` (num_decoder_layers, N, Q, 4), every layer's
+            normalised (cx, cy, w, h) boxes (None without ``bbox_embed``);
+            ``enc_class`` (N, S, num_classes) and ``enc_coord_unact`` (N, S, 4) (logits of the
+            encoder proposals' boxes) in two-stage mode, else None.
         """
-        self._check_inputs(srcs, masks, pos_embeds, query_embed, class_embed, bbox_embed)
-
         shapes = [tuple(src.shape[-2:]) for src in srcs]
-        # The attention layers check the value length against these sizes without a device
-        # sync; symbolic sizes (dynamic export) are left to the tracer.
-        level_shapes = shapes if all(type(v) is int for hw in shapes for v in hw) else None
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
         lvl_pos_embed_flatten = torch.cat(
@@ -686,7 +591,7 @@ class DeformableTransformer(nn.Module):
         # Zeroing the value at padded tokens is a pass over it in every attention layer: a batch
         # without padding skips it (one host read per forward; traced graphs keep the mask).
         attn_mask = mask_flatten
-        if not _is_tracing() and not bool(mask_flatten.any()):
+        if not is_tracing() and not bool(mask_flatten.any()):
             attn_mask = None
 
         enc_reference_points = self.encoder.get_reference_points(shapes, valid_ratios)
@@ -697,40 +602,38 @@ class DeformableTransformer(nn.Module):
             spatial_shapes,
             level_start_index,
             attn_mask,
-            level_shapes,
         )
 
         n, _, c = memory.shape
-        enc_outputs_class = enc_outputs_coord_unact = None
+        enc_class = enc_coord_unact = None
         if self.two_stage:
             num_dec = self.decoder.num_layers
             output_memory, output_proposals = self.gen_encoder_output_proposals(
                 memory, mask_flatten, shapes, valid_sizes
             )
-            enc_outputs_class = class_embed[num_dec](output_memory)
-            enc_outputs_coord_unact = _upcast(bbox_embed[num_dec](output_memory)) + output_proposals
+            enc_class = class_embed[num_dec](output_memory)
+            enc_coord_unact = _upcast(bbox_embed[num_dec](output_memory)) + output_proposals
 
             # Unlike the official code, padded tokens can never be picked, so the chosen
             # proposals do not depend on the rest of the batch.
-            scores = enc_outputs_class[..., 0].masked_fill(mask_flatten, float("-inf"))
+            scores = enc_class[..., 0].masked_fill(mask_flatten, float("-inf"))
             k = min(self.two_stage_num_proposals, scores.shape[1])
             topk_index = torch.topk(scores, k, dim=1)[1]
             topk_coords_unact = torch.gather(
-                enc_outputs_coord_unact, 1, topk_index.unsqueeze(-1).expand(-1, -1, 4)
+                enc_coord_unact, 1, topk_index.unsqueeze(-1).expand(-1, -1, 4)
             ).detach()
             reference_points = topk_coords_unact.sigmoid()
-            pos_trans_out = self.pos_trans_norm(
-                self.pos_trans(self.get_proposal_pos_embed(topk_coords_unact))
-            )
+            # As the official model: d_model / 2 sine features per coordinate of 2 * pi * box.
+            embedding = sine_encoding(reference_points * (2 * math.pi), c // 2).flatten(2)
+            pos_trans_out = self.pos_trans_norm(self.pos_trans(embedding))
             query_pos, tgt = torch.split(pos_trans_out, c, dim=2)
         else:
             query_pos, tgt = torch.split(query_embed, c, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(n, -1, -1)
             tgt = tgt.unsqueeze(0).expand(n, -1, -1)
             reference_points = _upcast(self.reference_points(query_pos)).sigmoid()
-        init_reference = reference_points
 
-        hs, inter_references = self.decoder(
+        hs, inter_references, boxes = self.decoder(
             tgt,
             query_pos,
             reference_points,
@@ -739,7 +642,7 @@ class DeformableTransformer(nn.Module):
             level_start_index,
             valid_ratios,
             attn_mask,
-            bbox_embed=bbox_embed if self.with_box_refine else None,
-            level_shapes=level_shapes,
+            bbox_embed=bbox_embed,
+            refine=self.with_box_refine,
         )
-        return hs, init_reference, inter_references, enc_outputs_class, enc_outputs_coord_unact
+        return hs, reference_points, inter_references, boxes, enc_class, enc_coord_unact
