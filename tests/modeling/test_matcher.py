@@ -159,3 +159,24 @@ def test_from_config_and_errors():
     bad = {"pred_logits": torch.full((1, 3, 2), float("nan")), "pred_boxes": outputs["pred_boxes"]}
     with pytest.raises(FloatingPointError, match="non-finite"):
         HungarianMatcher()(bad, [{"labels": torch.tensor([0]), "boxes": torch.rand(1, 4)}])
+
+
+def test_padding_queries_are_never_matched():
+    """With a padding mask the assignment is the one of the valid queries alone, mapped back."""
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(1, 7, 2, generator=gen)
+    boxes = torch.rand(1, 7, 4, generator=gen) * 0.5 + 0.25
+    targets = [{"labels": torch.tensor([0, 1, 1]), "boxes": torch.rand(3, 4, generator=gen) * 0.5}]
+    padding = torch.tensor([[False, True, False, True, True, False, False]])
+    valid = (~padding[0]).nonzero().squeeze(1)
+    matcher = HungarianMatcher(cost_class=2.0, cost_bbox=5.0, cost_giou=2.0)
+    # Make the padded queries the best candidates: they must still be skipped.
+    boxes[0, padding[0]] = targets[0]["boxes"][0]
+    ((src, tgt),) = matcher(
+        {"pred_logits": logits, "pred_boxes": boxes, "padding_mask": padding}, targets
+    )
+    ((src_alone, tgt_alone),) = matcher(
+        {"pred_logits": logits[:, valid], "pred_boxes": boxes[:, valid]}, targets
+    )
+    assert not padding[0, src].any()
+    assert torch.equal(src, valid[src_alone]) and torch.equal(tgt, tgt_alone)

@@ -33,11 +33,9 @@ terms of each of the three steps and the loss weights; the total gradient norm o
 three steps, in full for tensors of at most ``FULL_NUMEL`` elements and otherwise as
 :func:`summary` (sum, L2 norm, and dot product with a seeded random probe).
 
-Known deviation: in two-stage mode this project's encoder-proposal focal loss also counts the
-padded tokens of the smaller image, as the official code does in a padded batch, so
-``loss_class_enc`` differs from the padding-free official value; the two-stage gradient and
-optimizer-step checks are expected failures while that term differs (see ``KNOWN_DEVIATIONS``),
-and report a failure again as soon as it matches.
+In two-stage mode the encoder proposals of padded tokens carry no loss and are never matched in
+this project (``enc_outputs["padding_mask"]``), which is what the image alone gives: the official
+code, run on each image alone, has no such tokens.
 
 Padding masks are exercised here on the transformer side (deformable attention over a padded
 batch, valid ratios, two-stage proposals of a smaller image).
@@ -81,16 +79,6 @@ GRAD_NORM_RTOL = 1e-6
 GRAD_RTOL = 5e-5
 DELTA_RTOL = 2.5e-4
 # Where this project knowingly departs from the official numbers, with the terms it shows in.
-KNOWN_DEVIATIONS = {
-    "two_stage": {
-        "terms": ("loss_class_enc",),
-        "reason": (
-            "the encoder proposals' focal loss also sums over the padded tokens of the smaller "
-            "image (constant logits class_embed(enc_output_norm(enc_output(0)))), as the official "
-            "code does in a padded batch, while the official numbers here are padding-free"
-        ),
-    },
-}
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
@@ -363,32 +351,10 @@ def loss_errors(ref, ours):
 
 def test_first_step_losses(run):
     ref, ours = run
-    known = KNOWN_DEVIATIONS.get(ref["variant"], {}).get("terms", ())
-    errors = [(k, e) for step, k, e in loss_errors(ref, ours) if step == 0 and k not in known]
-    assert len(errors) == 3 * (DEC_LAYERS + ref["two_stage"]) - len(known)
+    errors = [(k, e) for step, k, e in loss_errors(ref, ours) if step == 0]
+    assert len(errors) == 3 * (DEC_LAYERS + ref["two_stage"])
     bad = [(k, e) for k, e in errors if not e < LOSS_RTOL]
     assert not bad, f"loss terms off the official values (relative error): {bad}"
-
-
-def test_known_deviations(run):
-    ref, ours = run
-    deviation = KNOWN_DEVIATIONS.get(ref["variant"])
-    if deviation is None:
-        pytest.skip("no known deviation in this variant")
-    errors = {k: e for step, k, e in loss_errors(ref, ours) if step == 0}
-    bad = {k: errors[k] for k in deviation["terms"] if not errors[k] < LOSS_RTOL}
-    if bad:
-        pytest.xfail(f"{deviation['reason']}; relative errors {bad}")
-
-
-def _xfail_if_known(ref, ours):
-    """xfail while a known deviation still shows in the first step's losses."""
-    deviation = KNOWN_DEVIATIONS.get(ref["variant"])
-    if deviation is None:
-        return
-    errors = {k: e for step, k, e in loss_errors(ref, ours) if step == 0}
-    if any(not errors[k] < LOSS_RTOL for k in deviation["terms"]):
-        pytest.xfail(f"follows from {deviation['terms']}: {deviation['reason']}")
 
 
 def test_first_step_gradients(run):
@@ -397,8 +363,6 @@ def test_first_step_gradients(run):
     norm_error = abs(ours["grad_norms"][0] - ref["grad_norms"][0]) / ref["grad_norms"][0]
     errors = _errors(ours["grads"], ref["grads"], ref["numel"])
     bad = [(n, e) for n, e in errors if not e < GRAD_RTOL]
-    if norm_error >= GRAD_NORM_RTOL or bad:
-        _xfail_if_known(ref, ours)
     assert norm_error < GRAD_NORM_RTOL, f"gradient norm off by {norm_error:.3g} (relative)"
     assert not bad, f"gradients off the official ones (relative error, worst first): {bad[:10]}"
 
@@ -413,8 +377,6 @@ def test_three_optimizer_steps(run):
     ]
     errors = _errors(ours["deltas"], ref["deltas"], ref["numel"])
     bad = [(n, e) for n, e in errors if not e < DELTA_RTOL]
-    if loss_bad or norm_bad or bad:
-        _xfail_if_known(ref, ours)
     assert not loss_bad, f"losses of the later steps off (step, term, relative error): {loss_bad}"
     assert not norm_bad, f"gradient norms of the later steps off (step, error): {norm_bad}"
     assert not bad, f"parameter updates off the official ones (worst first): {bad[:10]}"

@@ -106,6 +106,11 @@ class SetCriterion(nn.Module):
         loss = sigmoid_focal_loss(
             logits.float(), onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
         )
+        padding = outputs.get("padding_mask")
+        if padding is not None:
+            # Encoder tokens on padding are not part of any image: they carry no loss, so the
+            # loss of an image does not depend on the other images of its batch.
+            loss = loss.masked_fill(padding.unsqueeze(-1), 0.0)
         num_queries = logits.shape[1]
         return {"loss_class": loss.mean(1).sum() / num_boxes * num_queries}
 

@@ -117,7 +117,8 @@ class HungarianMatcher(nn.Module):
 
         Args:
             outputs (dict): with "pred_logits" (N, Q, K) classification logits and "pred_boxes"
-                (N, Q, 4) normalised cxcywh boxes.
+                (N, Q, 4) normalised cxcywh boxes; optionally "padding_mask" (N, Q) bool, True
+                for queries that are padding (encoder tokens outside an image), never matched.
             targets (list[dict]): N dicts with "labels" (T,) int64 in [0, K) and "boxes" (T, 4)
                 normalised cxcywh.
 
@@ -130,6 +131,7 @@ class HungarianMatcher(nn.Module):
             raise ValueError(
                 f"HungarianMatcher: got {len(targets)} targets for a batch of {logits.shape[0]}"
             )
+        padding = outputs.get("padding_mask")
         indices = []
         for i, target in enumerate(targets):
             labels, tgt_boxes = _check_target(target, i)
@@ -137,7 +139,14 @@ class HungarianMatcher(nn.Module):
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(logits[i], boxes[i], labels.to(logits.device), tgt_boxes)
+            keep = None if padding is None else (~padding[i]).nonzero().squeeze(1)
+            if keep is None:
+                cost = self.cost_matrix(logits[i], boxes[i], labels.to(logits.device), tgt_boxes)
+            else:
+                # Padding tokens are not candidates: the image alone would not have them.
+                cost = self.cost_matrix(
+                    logits[i, keep], boxes[i, keep], labels.to(logits.device), tgt_boxes
+                )
             # Checked on the host copy the solver needs anyway: no extra device sync.
             cost = cost.cpu().numpy()
             if not np.isfinite(cost).all():
@@ -146,9 +155,10 @@ class HungarianMatcher(nn.Module):
                     "pred_logits, pred_boxes and the target boxes for NaN/Inf"
                 )
             src, tgt = linear_sum_assignment(cost)
-            indices.append(
-                (torch.as_tensor(src, dtype=torch.int64), torch.as_tensor(tgt, dtype=torch.int64))
-            )
+            src = torch.as_tensor(src, dtype=torch.int64)
+            if keep is not None:
+                src = keep.cpu()[src]
+            indices.append((src, torch.as_tensor(tgt, dtype=torch.int64)))
         return indices
 
 

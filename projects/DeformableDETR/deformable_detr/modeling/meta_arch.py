@@ -234,7 +234,7 @@ class DeformableDETR(nn.Module):
             (N, Q, num_classes), "pred_boxes" (N, Q, 4) normalised (cx, cy, w, h) relative to
             each image's own size, "aux_outputs" (one dict with both keys per intermediate
             decoder layer) and, in two-stage mode, "enc_outputs" (the encoder proposals' logits
-            and boxes).
+            and boxes, and the tokens' "padding_mask").
         """
         pos = [self.position_embedding(m).to(s.dtype) for s, m in zip(srcs, masks)]
         query_embed = None if self.two_stage else self.query_embed.weight
@@ -253,6 +253,7 @@ class DeformableDETR(nn.Module):
             outputs["enc_outputs"] = {
                 "pred_logits": enc_logits,
                 "pred_boxes": enc_coord_unact.sigmoid(),
+                "padding_mask": torch.cat([m.flatten(1) for m in masks], 1),
             }
         return outputs
 
