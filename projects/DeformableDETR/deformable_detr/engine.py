@@ -5,6 +5,10 @@ AdamW with lower learning rates for the backbone and for the sampling-offset / r
 layers, and gradient clipping on the norm of the whole model; and the official training
 conveniences: the in-memory image cache (DATALOADER.CACHE_IMAGES) and the batch-size policy
 (:func:`apply_batch_size_policy`). ``setup`` builds the config.
+
+Entry points check what they are given before the long work (:func:`check_run_config`,
+:func:`check_output_dir`, :func:`check_device`): every error names the config key at fault.
+Evaluation reports the classes the test dataset has (:class:`DatasetClassesCOCOEvaluator`).
 """
 
 import contextlib
@@ -356,8 +360,8 @@ class CPUAutocastTrainer(SimpleTrainer):
     """``SimpleTrainer`` whose steps run under CPU autocast in bfloat16: SOLVER.AMP on a CPU.
 
     Detectron2's AMPTrainer needs CUDA. bfloat16 has float32's exponent range, so the losses need
-    no grad scaler. The backward pass replays the forward pass's dtypes, and the optimizer's
-    operations are not among those autocast converts.
+    no grad scaler. The whole step is inside the autocast region: autograd replays the dtypes the
+    forward pass chose, and the optimizer's operations are not among those autocast converts.
     """
 
     def run_step(self):
@@ -373,13 +377,13 @@ def _cpu_training_parts(device):
     Detectron2 builds both with no method to override: ``create_ddp_model`` passes
     ``device_ids=[local rank]``, which PyTorch refuses for a model on the CPU (several processes
     with gloo), and ``AMPTrainer`` needs CUDA. On the CPU both names are replaced in Detectron2's
-    module while the constructor runs; ``getattr`` fails loudly if Detectron2 renames them.
+    module while the constructor runs (an AttributeError here if Detectron2 renames them); the rest
+    of the construction stays Detectron2's.
     """
     if device.type != "cpu":
         yield
         return
-    create_ddp_model = getattr(d2_defaults, "create_ddp_model")
-    amp_trainer = getattr(d2_defaults, "AMPTrainer")
+    create_ddp_model, amp_trainer = d2_defaults.create_ddp_model, d2_defaults.AMPTrainer
 
     def create_cpu_ddp_model(model, **kwargs):
         kwargs.setdefault("device_ids", None)
