@@ -9,12 +9,15 @@ Examples::
         --confidence-threshold 0.4 --opts MODEL.WEIGHTS r50.pth
 
 Every picture is written to the output folder as ``<name>.png`` (a video as ``<name>.mp4``), with
-boxes, class names and scores of the detections above the confidence threshold. Class names come
-from the metadata of the config's first test dataset. Without a GPU the model runs on the CPU.
+boxes, class names and scores of the detections above the confidence threshold; an input file is
+never written over, and two inputs never share an output (see :func:`plan_outputs`). Each output
+appears complete or not at all. Class names come from the metadata of the config's first test
+dataset. Without a GPU the model runs on the CPU, unless ``--opts MODEL.DEVICE cuda`` asks for one.
 """
 
 import argparse
 import glob
+import itertools
 import logging
 import os
 import sys
@@ -29,8 +32,11 @@ from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
 from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
+from PIL import Image
 
 from deformable_detr import add_deformable_detr_config
+from deformable_detr.data.dataset_mapper import check_input_sizes
+from deformable_detr.engine import check_device
 
 logger = logging.getLogger("deformable_detr.demo")
 
@@ -110,6 +116,11 @@ def prepare_output_dir(path):
     return path
 
 
+def _device_in_opts(opts):
+    """Whether ``--opts`` sets MODEL.DEVICE (keys and values alternate)."""
+    return "MODEL.DEVICE" in opts[::2]
+
+
 def setup_cfg(args):
     """Build the frozen config from ``--config-file`` and ``--opts``."""
     if not os.path.isfile(args.config_file):
@@ -121,9 +132,19 @@ def setup_cfg(args):
         cfg.merge_from_list(args.opts)
     except Exception as e:
         raise ValueError(f"bad config ({args.config_file!r}, --opts {args.opts}): {e}") from e
-    if cfg.MODEL.DEVICE.startswith("cuda") and not torch.cuda.is_available():
-        logger.warning(f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r} but CUDA is not available: using cpu")
+    device = cfg.MODEL.DEVICE
+    if (
+        device.startswith("cuda")
+        and not torch.cuda.is_available()
+        and not _device_in_opts(args.opts)
+    ):
+        # Detectron2's default device is "cuda", which configs made for GPUs leave as it is.
+        logger.warning(
+            f"MODEL.DEVICE is {device!r} in the config but CUDA is not available: using cpu"
+        )
         cfg.MODEL.DEVICE = "cpu"
+    check_device(cfg.MODEL.DEVICE)
+    check_input_sizes(cfg, is_train=False)
     weights = cfg.MODEL.WEIGHTS
     if weights and "://" not in weights and not os.path.isfile(weights):
         raise ValueError(f"MODEL.WEIGHTS {weights!r} does not exist")
@@ -162,40 +183,121 @@ class DetectionDrawer:
         return instances, np.ascontiguousarray(drawn)
 
 
-def _unique_name(name, used):
-    stem, candidate, k = name, name, 1
-    while candidate in used:
-        candidate = f"{stem}_{k}"
-        k += 1
-    used.add(candidate)
-    return candidate
+def _file_id(path):
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
+def plan_outputs(inputs, output_dir, suffix):
+    """The output file of every input: never an input file, never the output of another input.
+
+    ``<name><suffix>`` in ``output_dir``; when that is taken (an input, e.g. with the output folder
+    the input folder, or the output of an input of the same name), ``<name>_<extension><suffix>``,
+    then with a counter.
+
+    Args:
+        inputs (list[str]): the input files.
+        output_dir (str): an existing folder.
+        suffix (str): the output extension, e.g. ".png".
+
+    Returns:
+        list[str]: one path per input.
+    """
+    input_ids = {_file_id(p) for p in inputs}
+    used = set()
+
+    def free(path):
+        key = os.path.normcase(os.path.realpath(path))
+        if key in used or (os.path.exists(path) and _file_id(path) in input_ids):
+            return False
+        used.add(key)
+        return True
+
+    outputs = []
+    for path in inputs:
+        stem, ext = os.path.splitext(os.path.basename(path))
+        names = [stem, f"{stem}_{ext.lstrip('.')}"] if ext else [stem]
+        names = itertools.chain(names, (f"{names[-1]}_{k}" for k in itertools.count(1)))
+        outputs.append(
+            next(p for p in (os.path.join(output_dir, n + suffix) for n in names) if free(p))
+        )
+    return outputs
+
+
+def _temporary_path(path):
+    # Same folder (so that the rename is atomic) and same extension (OpenCV picks the format by it).
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")
+
+
+def write_picture(path, image_bgr):
+    """Write a PNG picture atomically: a complete file or none, never a half-written one."""
+    ok, data = cv2.imencode(".png", image_bgr)
+    if not ok:
+        raise ValueError(f"cannot encode the picture for {path!r}")
+    tmp = _temporary_path(path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.tobytes())
+        os.replace(tmp, path)
+    except OSError as e:
+        raise ValueError(f"cannot write {path!r}: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_pictures(files):
+    """Fail, before the model is loaded, on files that are not pictures, listing them all."""
+    bad = []
+    for path in files:
+        try:
+            with Image.open(path):
+                pass
+        except Exception as e:
+            bad.append(f"{path!r} ({type(e).__name__}: {e})")
+    if bad:
+        raise ValueError(f"{len(bad)} --input file(s) are not readable pictures: " + "; ".join(bad))
 
 
 def run_on_pictures(drawer, files, output_dir):
-    used = set()
-    for path in files:
+    """Draw the detections on every picture; a picture that fails to decode is skipped.
+
+    Returns:
+        list[str]: the pictures that could not be read.
+    """
+    failed = []
+    for path, out_path in zip(files, plan_outputs(files, output_dir, ".png")):
         try:
             image = read_image(path, format="BGR")
         except Exception as e:
-            raise ValueError(f"cannot read picture {path!r}: {e}") from e
+            logger.error(f"cannot read picture {path!r}, skipped: {type(e).__name__}: {e}")
+            failed.append(path)
+            continue
         start = time.perf_counter()
         instances, drawn = drawer(image)
-        name = _unique_name(os.path.splitext(os.path.basename(path))[0], used)
-        out_path = os.path.join(output_dir, name + ".png")
-        if not cv2.imwrite(out_path, drawn):
-            raise ValueError(f"cannot write {out_path!r}")
+        write_picture(out_path, drawn)
         logger.info(
             f"{path}: {len(instances)} detections in {time.perf_counter() - start:.2f}s "
             f"-> {out_path}"
         )
+    return failed
 
 
-def run_on_video(drawer, video_path, output_dir):
+def open_video(video_path):
+    """The opened ``cv2.VideoCapture`` of ``--video-input``, or a ValueError naming it."""
     video = cv2.VideoCapture(video_path)
     if not video.isOpened():
         raise ValueError(f"cannot open --video-input {video_path!r} with OpenCV")
+    return video
+
+
+def run_on_video(drawer, video, video_path, output_dir):
+    """Draw the detections on every frame into ``<name>.mp4``, written under a temporary name and
+    renamed when complete."""
     fps = video.get(cv2.CAP_PROP_FPS) or 25.0
-    out_path = os.path.join(output_dir, os.path.splitext(os.path.basename(video_path))[0] + ".mp4")
+    (out_path,) = plan_outputs([video_path], output_dir, ".mp4")
+    tmp = _temporary_path(out_path)
     writer = None
     frames = 0
     try:
@@ -207,16 +309,23 @@ def run_on_video(drawer, video_path, output_dir):
             if writer is None:
                 height, width = drawn.shape[:2]
                 writer = cv2.VideoWriter(
-                    out_path, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height)
+                    tmp, cv2.VideoWriter_fourcc(*"mp4v"), float(fps), (width, height)
                 )
                 if not writer.isOpened():
                     raise ValueError(f"cannot write the video {out_path!r}")
             writer.write(drawn)
             frames += 1
+        if writer is not None:
+            writer.release()
+            writer = None
+            if frames:
+                os.replace(tmp, out_path)
     finally:
         video.release()
         if writer is not None:
             writer.release()
+        if os.path.exists(tmp):
+            os.remove(tmp)
     if frames == 0:
         raise ValueError(f"--video-input {video_path!r} has no readable frame")
     logger.info(f"{video_path}: {frames} frames -> {out_path}")
@@ -235,20 +344,29 @@ def main(argv=None):
         parser.error(f"--confidence-threshold must be in [0, 1], got {args.confidence_threshold}")
     try:
         files = expand_inputs(args.input) if args.input else []
-        if args.video_input and not os.path.isfile(args.video_input):
-            raise ValueError(f"--video-input file {args.video_input!r} does not exist")
+        check_pictures(files)
+        video = None
+        if args.video_input:
+            if not os.path.isfile(args.video_input):
+                raise ValueError(f"--video-input file {args.video_input!r} does not exist")
+            video = open_video(args.video_input)
         output_dir = prepare_output_dir(args.output)
         cfg = setup_cfg(args)
         drawer = DetectionDrawer(cfg, args.confidence_threshold)
+        failed = []
         if files:
-            run_on_pictures(drawer, files, output_dir)
-            what = f"{len(files)} picture(s)"
+            failed = run_on_pictures(drawer, files, output_dir)
+            what = f"{len(files) - len(failed)} picture(s)"
         else:
-            run_on_video(drawer, args.video_input, output_dir)
+            run_on_video(drawer, video, args.video_input, output_dir)
             what = "the video"
     except ValueError as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     print(f"Detections drawn on {what} written to {os.path.abspath(output_dir)}")
+    if failed:
+        parser.exit(
+            1, f"{parser.prog}: error: {len(failed)} picture(s) could not be read: {failed}\n"
+        )
 
 
 if __name__ == "__main__":

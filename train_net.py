@@ -10,12 +10,13 @@ Examples (from the repository root)::
 from detectron2.engine import default_argument_parser, launch
 
 from deformable_detr.checkpoint import AtomicDetectionCheckpointer
-from deformable_detr.engine import Trainer, setup
+from deformable_detr.engine import Trainer, check_run_config, setup
 
 
 def main(args):
     cfg = setup(args)
     if args.eval_only:
+        check_run_config(cfg, training=False)
         model = Trainer.build_model(cfg)
         AtomicDetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume

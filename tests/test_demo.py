@@ -183,3 +183,147 @@ def test_demo_on_video(workdir, capsys):
         frames += 1
     video.release()
     assert frames == 3
+
+
+def _tiny_run(workdir, inputs, output, *extra):
+    return (
+        ["--config-file", CONFIG, "--input", *inputs, "--output", str(output)]
+        + list(extra)
+        + ["--opts", "MODEL.WEIGHTS", str(workdir / "tiny.pth")]
+        + TINY_OPTS
+    )
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in folder.iterdir()}
+
+
+def test_inputs_are_never_written_over(workdir):
+    demo = _load_demo()
+    same = workdir / "same"
+    same.mkdir()
+    img, _ = render_quickstart_image(np.random.SeedSequence([5, 0]))
+    for name in ("photo.jpg", "photo.png", "holiday.png"):
+        cv2.imwrite(str(same / name), img[:, :, ::-1])
+    before = _snapshot(same)
+
+    # Output folder = input folder, and two inputs named "photo".
+    demo.main(_tiny_run(workdir, [str(same / "*")], same, "--confidence-threshold", "0.0"))
+    after = _snapshot(same)
+    assert {k: after[k] for k in before} == before
+    assert sorted(set(after) - set(before)) == ["holiday_png.png", "photo_jpg.png", "photo_png.png"]
+    for name in set(after) - set(before):
+        assert cv2.imread(str(same / name)).shape == img.shape
+
+    demo.main(_tiny_run(workdir, [str(same / "holiday.png")], same))
+    assert (same / "holiday.png").read_bytes() == before["holiday.png"]
+    # The input folder under another name (a symbolic link) is still the input folder.
+    alias = workdir / "alias"
+    alias.symlink_to(same, target_is_directory=True)
+    demo.main(_tiny_run(workdir, [str(same / "holiday.png")], alias))
+    assert (same / "holiday.png").read_bytes() == before["holiday.png"]
+    assert "holiday_png.png" in os.listdir(same)
+
+
+def test_outputs_of_inputs_with_one_name_do_not_collide(workdir, tmp_path):
+    demo = _load_demo()
+    paths = []
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        paths.append(tmp_path / folder / "x.jpg")
+        (paths[-1]).write_bytes((workdir / "pics" / "pic0.jpg").read_bytes())
+    out = tmp_path / "out"
+    out.mkdir()
+    planned = demo.plan_outputs([str(p) for p in paths], str(out), ".png")
+    assert [os.path.basename(p) for p in planned] == ["x.png", "x_jpg.png"]
+
+
+def test_a_failed_write_leaves_no_file(tmp_path, monkeypatch):
+    demo = _load_demo()
+    target = tmp_path / "drawn.png"
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(demo.os, "replace", no_rename)
+    with pytest.raises(ValueError, match="cannot write .*drawn.png.*No space left"):
+        demo.write_picture(str(target), np.zeros((4, 4, 3), np.uint8))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pictures_are_checked_before_the_model_is_loaded(workdir, monkeypatch, capsys):
+    demo = _load_demo()
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(demo, "DetectionDrawer", no_model)
+    text = workdir / "notes.jpg"
+    text.write_text("not a picture either")
+    inputs = [str(workdir / "pics" / "pic0.jpg"), str(workdir / "broken.jpg"), str(text)]
+    with pytest.raises(SystemExit) as exc:
+        demo.main(_tiny_run(workdir, inputs, workdir / "o3"))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "2 --input file(s) are not readable pictures" in err
+    assert "broken.jpg" in err and "notes.jpg" in err
+
+    video = workdir / "fake.mp4"
+    video.write_text("not a video")
+    with pytest.raises(SystemExit):
+        demo.main(["--config-file", CONFIG, "--video-input", str(video), "--output", str(workdir)])
+    assert "cannot open --video-input" in capsys.readouterr().err
+
+
+def test_a_truncated_picture_is_skipped_and_reported(workdir, tmp_path, capsys):
+    demo = _load_demo()
+    data = (workdir / "pics" / "pic1.jpg").read_bytes()
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(data[: len(data) // 3])
+    out = tmp_path / "out"
+    inputs = [str(truncated), str(workdir / "pics" / "pic0.jpg")]
+    with pytest.raises(SystemExit) as exc:
+        demo.main(_tiny_run(workdir, inputs, out))
+    assert exc.value.code == 1
+    assert "1 picture(s) could not be read" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["pic0.png"]
+
+
+@pytest.mark.parametrize(
+    "device, message",
+    [
+        pytest.param(
+            "cuda",
+            "MODEL.DEVICE is 'cuda' but no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a CUDA device"),
+        ),
+        ("gpu", "MODEL.DEVICE 'gpu' is not a device name"),
+    ],
+)
+def test_device_given_in_opts_is_checked(workdir, device, message, capsys):
+    demo = _load_demo()
+    argv = _tiny_run(workdir, [str(workdir / "pics" / "pic0.jpg")], workdir / "o4")
+    with pytest.raises(SystemExit) as exc:
+        demo.main(argv + ["MODEL.DEVICE", device])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_video_next_to_its_output_is_not_written_over(workdir, tmp_path):
+    clip = tmp_path / "clip.mp4"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"mp4v"), 5.0, (96, 64))
+    if not writer.isOpened():
+        pytest.skip("this OpenCV build cannot write mp4 videos")
+    for i in range(2):
+        img, _ = render_quickstart_image(np.random.SeedSequence([9, i]))
+        writer.write(np.ascontiguousarray(cv2.resize(img, (96, 64))[:, :, ::-1]))
+    writer.release()
+    original = clip.read_bytes()
+    demo = _load_demo()
+    demo.main(
+        ["--config-file", CONFIG, "--video-input", str(clip), "--output", str(tmp_path)]
+        + ["--opts", "MODEL.WEIGHTS", str(workdir / "tiny.pth")]
+        + TINY_OPTS
+    )
+    assert clip.read_bytes() == original
+    assert sorted(os.listdir(tmp_path)) == ["clip.mp4", "clip_mp4.mp4"]

@@ -230,3 +230,44 @@ def test_errors(image_file):
     mapper = DeformableDetrDatasetMapper(_cfg(), is_train=False)
     with pytest.raises(KeyError, match="file_name"):
         mapper({"height": HEIGHT, "width": WIDTH})
+
+
+@pytest.mark.parametrize(
+    "changes, is_train, message",
+    [
+        ({"MIN_SIZE_TRAIN": ()}, True, r"INPUT.MIN_SIZE_TRAIN must list positive .* got \(\)"),
+        ({"MIN_SIZE_TRAIN": (480, -1)}, True, "INPUT.MIN_SIZE_TRAIN must list positive"),
+        (
+            {"MIN_SIZE_TRAIN": (480, 512, 544), "MIN_SIZE_TRAIN_SAMPLING": "range"},
+            True,
+            r"INPUT.MIN_SIZE_TRAIN must be \(low, high\)",
+        ),
+        ({"MIN_SIZE_TRAIN_SAMPLING": "uniform"}, True, "INPUT.MIN_SIZE_TRAIN_SAMPLING must be"),
+        ({"MAX_SIZE_TRAIN": 0}, True, "INPUT.MAX_SIZE_TRAIN must be a positive int"),
+        ({"CROP_PRE_RESIZE_SIZES": []}, True, "INPUT.CROP_PRE_RESIZE_SIZES must list positive"),
+        ({"CROP.SIZE": [600, 384]}, True, r"INPUT.CROP.SIZE \[600, 384\] does not suit"),
+        ({"CROP.SIZE": [384]}, True, r"INPUT.CROP.SIZE \[384\] does not suit"),
+        ({"CROP.TYPE": "relative", "CROP.SIZE": [0.5, 1.5]}, True, "does not suit"),
+        ({"CROP.TYPE": "square"}, True, "INPUT.CROP.TYPE must be"),
+        ({"MIN_SIZE_TEST": -1}, False, "INPUT.MIN_SIZE_TEST must be a number of pixels >= 0"),
+        ({"MAX_SIZE_TEST": 0}, False, "INPUT.MAX_SIZE_TEST must be a positive int"),
+    ],
+)
+def test_bad_input_sizes_are_named(changes, is_train, message):
+    cfg = _cfg()
+    for key, value in changes.items():
+        node = cfg.INPUT
+        *parents, leaf = key.split(".")
+        for parent in parents:
+            node = node[parent]
+        node[leaf] = value
+    with pytest.raises(ValueError, match=message):
+        build_deformable_detr_augmentation(cfg, is_train)
+
+
+def test_test_size_zero_keeps_the_image_size(image_file):
+    cfg = _cfg()
+    cfg.INPUT.MIN_SIZE_TEST = 0
+    path, pixels = image_file
+    out = DeformableDetrDatasetMapper(cfg, False)(_record(path, []))
+    assert tuple(out["image"].shape) == (3, HEIGHT, WIDTH)

@@ -122,3 +122,28 @@ def test_errors(plot_logs, runs, tmp_path, capsys):
         plot_logs.main([str(bad), "--output", output])
     assert "line 2" in capsys.readouterr().err
     assert not os.path.exists(output)
+
+
+def test_output_never_replaces_an_input_or_leaves_a_partial_file(
+    plot_logs, runs, tmp_path, monkeypatch
+):
+    a, b = runs
+    metrics = os.path.join(a, "metrics.json")
+    before = open(metrics, "rb").read()
+    with pytest.raises(ValueError, match="is the metrics file of"):
+        plot_logs.plot_logs([a, b], metrics, ["total_loss"])
+    assert open(metrics, "rb").read() == before
+    with pytest.raises(ValueError, match="is a folder"):
+        plot_logs.plot_logs([a], a, ["total_loss"])
+    # Interrupted while writing (a full disk): nothing is left under the output's name.
+    from matplotlib.figure import Figure
+
+    def failing_savefig(self, path, **kwargs):
+        with open(path, "wb") as f:
+            f.write(b"\x89PNG half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", failing_savefig)
+    with pytest.raises(OSError, match="No space left"):
+        plot_logs.plot_logs([a], str(tmp_path / "curves.png"), ["total_loss"])
+    assert sorted(os.listdir(tmp_path)) == ["a", "b"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
+from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser, launch
 from PIL import Image
@@ -411,3 +411,168 @@ def test_single_gpu_amp_training(tmp_path):
     )
     _load_train_net().main(args)
     assert os.path.isfile(os.path.join(output_dir, "model_final.pth"))
+
+
+# ------------------------------------------------------------------------------------------------
+# What the entry points check before the long work
+# ------------------------------------------------------------------------------------------------
+
+
+def _tiny_args(tmp_path, *opts, eval_only=False):
+    dataset_root = str(tmp_path / "data")
+    _write_tiny_dataset(dataset_root)
+    # This test's own copy: other tests register the same names for theirs (and may move it).
+    for split in ("train", "val"):
+        name = f"ddetr_engine_tiny_{split}"
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+    _register_tiny_dataset(dataset_root)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text(TINY_CONFIG.format(base=BASE_CONFIG))
+    argv = ["--config-file", str(config_file)] + (["--eval-only"] if eval_only else [])
+    return default_argument_parser().parse_args(
+        argv + ["OUTPUT_DIR", str(tmp_path / "out")] + list(opts)
+    )
+
+
+@pytest.mark.parametrize(
+    "opts, message",
+    [
+        (["DATASETS.TEST", '("ddetr_nowhere_val",)'], "DATASETS.TEST names 'ddetr_nowhere_val'"),
+        (["DATASETS.TRAIN", "()"], "DATASETS.TRAIN is empty"),
+        (["DATASETS.TRAIN", '("ddetr_nowhere",)'], "DATASETS.TRAIN names 'ddetr_nowhere', not reg"),
+        (["MODEL.DEVICE", "gpu"], "MODEL.DEVICE 'gpu' is not a device name"),
+        (["SOLVER.MAX_ITER", "0"], "SOLVER.MAX_ITER must be a positive number"),
+        (["SOLVER.CHECKPOINT_PERIOD", "0"], "SOLVER.CHECKPOINT_PERIOD must be a positive number"),
+        (["SOLVER.IMS_PER_BATCH", "0"], r"SOLVER.IMS_PER_BATCH \(0\) is the total batch"),
+        (["DATALOADER.NUM_WORKERS", "-1"], "DATALOADER.NUM_WORKERS must be >= 0"),
+        (["INPUT.MIN_SIZE_TRAIN", "()"], "INPUT.MIN_SIZE_TRAIN must list positive"),
+        (["INPUT.MAX_SIZE_TEST", "0"], "INPUT.MAX_SIZE_TEST must be a positive int"),
+        (
+            ["DATALOADER.CACHE_IMAGES", "True", "DATALOADER.CACHE_DIR", "/nonexistent/cache"],
+            "DATALOADER.CACHE_DIR '/nonexistent/cache' is not a folder",
+        ),
+    ],
+    ids=[
+        "test_set",
+        "no_train_set",
+        "train_set",
+        "device",
+        "max_iter",
+        "ckpt_period",
+        "batch",
+        "workers",
+        "min_size",
+        "max_size_test",
+        "cache_dir",
+    ],
+)
+def test_bad_config_fails_before_the_model_is_built(tmp_path, monkeypatch, opts, message):
+    cfg = setup(_tiny_args(tmp_path, *opts))
+
+    def no_model(cfg):
+        raise AssertionError("the model was built before the config was checked")
+
+    monkeypatch.setattr(Trainer, "build_model", classmethod(lambda cls, cfg: no_model(cfg)))
+    with pytest.raises(ValueError, match=message):
+        Trainer(cfg)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
+def test_cuda_device_without_a_gpu_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="MODEL.DEVICE is 'cuda' but no CUDA device is usable"):
+        Trainer(setup(_tiny_args(tmp_path, "MODEL.DEVICE", "cuda")))
+    args = _tiny_args(tmp_path, "MODEL.DEVICE", "cuda", eval_only=True)
+    with pytest.raises(ValueError, match="MODEL.DEVICE is 'cuda'"):
+        _load_train_net().main(args)
+
+
+def test_eval_only_checks_the_test_sets(tmp_path):
+    train_net = _load_train_net()
+    with pytest.raises(ValueError, match="DATASETS.TEST is empty"):
+        train_net.main(_tiny_args(tmp_path, eval_only=True))
+    args = _tiny_args(tmp_path, "DATASETS.TEST", '("ddetr_nowhere_val",)', eval_only=True)
+    with pytest.raises(ValueError, match="DATASETS.TEST names 'ddetr_nowhere_val'"):
+        train_net.main(args)
+
+
+def test_output_dir_that_cannot_hold_files(tmp_path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    with pytest.raises(ValueError, match="OUTPUT_DIR '.*a_file' exists and is not a folder"):
+        setup(_tiny_args(tmp_path, "OUTPUT_DIR", str(a_file)))
+    with pytest.raises(ValueError, match="OUTPUT_DIR '.*a_file/out' cannot be created"):
+        setup(_tiny_args(tmp_path, "OUTPUT_DIR", str(a_file / "out")))
+    with pytest.raises(ValueError, match="OUTPUT_DIR is empty"):
+        setup(_tiny_args(tmp_path, "OUTPUT_DIR", ""))
+
+
+def test_evaluation_of_a_model_with_more_classes_than_the_dataset(tmp_path, caplog):
+    # A COCO config's class count left on a 2-class dataset. The weights favour class 0 (in the
+    # dataset) and class 4 (not in it) far above the others: with 20 detections kept of 10
+    # queries x 5 classes, every image gets the 10 of each.
+    opts = ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "5", "TEST.DETECTIONS_PER_IMAGE", "20"]
+    opts += ["DATASETS.TEST", '("ddetr_engine_tiny_val",)']
+    model = Trainer.build_model(setup(_tiny_args(tmp_path, *opts)))
+    with torch.no_grad():
+        for head in model.class_embed:
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor([10.0, -10.0, -10.0, -10.0, 10.0]))
+    weights = str(tmp_path / "five_classes.pth")
+    torch.save({"model": model.state_dict()}, weights)
+
+    args = _tiny_args(tmp_path, *opts, "MODEL.WEIGHTS", weights, eval_only=True)
+    with caplog.at_level(logging.INFO, logger="deformable_detr.engine"):
+        results = _load_train_net().main(args)
+    assert set(results["bbox"]) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP-a", "AP-b"}
+    assert "20 prediction(s) of class ids >= 2, which the dataset" in caplog.text
+    with open(os.path.join(str(tmp_path / "out"), "inference", "coco_instances_results.json")) as f:
+        reported = [p["category_id"] for p in json.load(f)]
+    # Class 0 is the dataset's category id 1.
+    assert reported == [1] * 20
+
+
+def _autocast_probe(model, seen):
+    def probe(module, args):
+        seen.append((torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")))
+
+    return model.register_forward_pre_hook(probe)
+
+
+def test_amp_on_the_cpu_trains_under_bfloat16_autocast(tmp_path):
+    from deformable_detr.engine import CPUAutocastTrainer, cpu_supports_bfloat16
+
+    if not cpu_supports_bfloat16():
+        pytest.skip("this CPU has no native bfloat16")
+
+    cfg = setup(_tiny_args(tmp_path, "SOLVER.AMP.ENABLED", "True", "SOLVER.IMS_PER_BATCH", "2"))
+    trainer = Trainer(cfg)
+    assert isinstance(trainer._trainer, CPUAutocastTrainer)
+    model = trainer.model
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    seen = []
+    handle = _autocast_probe(model, seen)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        trainer.train()
+    finally:
+        torch.set_num_threads(threads)
+        handle.remove()
+    assert seen == [(True, torch.bfloat16)] * cfg.SOLVER.MAX_ITER
+    after = dict(model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in after.values())
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    # Outside training steps (evaluation, the next run) autocast is off again.
+    assert not torch.is_autocast_enabled("cpu")
+    assert os.path.isfile(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"))
+
+
+def test_amp_on_a_cpu_without_bfloat16_is_refused(tmp_path, monkeypatch):
+    from deformable_detr import engine
+
+    monkeypatch.setattr(engine, "cpu_supports_bfloat16", lambda: False)
+    cfg = setup(_tiny_args(tmp_path, "SOLVER.AMP.ENABLED", "True"))
+    with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED is True on the CPU.*no native bfloat"):
+        Trainer(cfg)

@@ -125,3 +125,52 @@ def test_class_count_that_does_not_match_the_weights(tmp_path):
         DefaultPredictor(cfg)
     # The matching config loads.
     DetectionCheckpointer(build_model(_cfg())).load(path)
+
+
+# ------------------------------------------------------------------------------------------------
+# The export script checks what it is given before it builds the model
+# ------------------------------------------------------------------------------------------------
+
+
+def _load_export_script():
+    import importlib.util
+
+    path = os.path.join(REPO_ROOT, "projects", "DeformableDETR", "tools", "export_model.py")
+    spec = importlib.util.spec_from_file_location("deformable_detr_export_script", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        pytest.param(
+            ["--opts", "MODEL.DEVICE", "cuda"],
+            "MODEL.DEVICE is 'cuda' but no CUDA device",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="has a CUDA device"),
+            id="cuda",
+        ),
+        pytest.param(
+            ["--opts", "MODEL.DEVICE", "gpu"], "MODEL.DEVICE 'gpu' is not a device", id="device"
+        ),
+        pytest.param(
+            ["--opts", "MODEL.DEFORMABLE_DETR.NUM_QUERIS", "3"], "NUM_QUERIS", id="unknown_key"
+        ),
+        pytest.param(["--sample-image", "{tmp}/notes.jpg"], "cannot read --sample-image", id="img"),
+        pytest.param(["--output", "{tmp}/notes.jpg"], "exists and is not a folder", id="output"),
+    ],
+)
+def test_export_script_checks_its_inputs_first(tmp_path, monkeypatch, capsys, extra, message):
+    script = _load_export_script()
+
+    def no_model(cfg):
+        raise AssertionError("the model was built before the inputs were checked")
+
+    monkeypatch.setattr(script, "build_model", no_model)
+    (tmp_path / "notes.jpg").write_text("not a picture")
+    argv = ["--config-file", BASE_CONFIG, "--format", "torchscript", "--output", str(tmp_path)]
+    with pytest.raises(SystemExit) as exc:
+        script.main(argv + [a.format(tmp=tmp_path) for a in extra])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err

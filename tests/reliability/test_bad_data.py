@@ -232,3 +232,20 @@ def test_fixed_boxes_are_inside_their_image_and_not_empty(size, boxes):
         assert 0 <= x and 0 <= y and w > 0 and h > 0
         # Detectron2's BoxMode.convert works in float32: allow its rounding, not more.
         assert x + w <= width + 1e-4 and y + h <= height + 1e-4
+
+
+def test_annotation_without_a_box_is_an_error_naming_the_record(tmp_path):
+    path = _image(tmp_path / "a.png")
+    record = _record(path, [[1, 1, 5, 5], [2, 2, 5, 5]], image_id=12)
+    # A segmentation-only annotation, as a COCO file without "bbox" gives it.
+    segmentation_only = record["annotations"][1]
+    del segmentation_only["bbox"]
+    segmentation_only["segmentation"] = [[2, 2, 7, 2, 7, 7]]
+    with pytest.raises(ValueError) as info:
+        validate_dataset_dicts([record], num_classes=1, dataset_names=["mine"])
+    message = str(info.value)
+    assert "1 annotation(s) of 'mine' have no 'bbox'" in message
+    assert "image_id 12" in message and "a.png" in message and "annotation 1" in message
+    # A crowd region without a box is not trained on, so it is not an error.
+    segmentation_only["iscrowd"] = 1
+    assert len(validate_dataset_dicts([record], num_classes=1)[0]["annotations"]) == 2

@@ -5,8 +5,13 @@ AdamW with lower learning rates for the backbone and for the sampling-offset / r
 layers, and gradient clipping on the norm of the whole model; and the official training
 conveniences: the in-memory image cache (DATALOADER.CACHE_IMAGES) and the batch-size policy
 (:func:`apply_batch_size_policy`). ``setup`` builds the config.
+
+Entry points check what they are given before the long work (:func:`check_run_config`,
+:func:`check_output_dir`, :func:`check_device`): every error names the config key at fault.
+Evaluation reports the classes the test dataset has (:class:`DatasetClassesCOCOEvaluator`).
 """
 
+import contextlib
 import itertools
 import logging
 import os
@@ -15,18 +20,13 @@ import weakref
 import torch
 from detectron2.config import get_cfg
 from detectron2.data import (
+    DatasetCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
-from detectron2.engine import (
-    AMPTrainer,
-    DefaultTrainer,
-    SimpleTrainer,
-    TrainerBase,
-    create_ddp_model,
-    default_setup,
-)
+from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup
+from detectron2.engine import defaults as d2_defaults
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -34,15 +34,21 @@ from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicDetectionCheckpointer, DataPositionHook
 from .config import add_deformable_detr_config
-from .data import DeformableDetrDatasetMapper
+from .data import DeformableDetrDatasetMapper, build_deformable_detr_augmentation
 from .data.image_cache import build_shared_image_cache
 from .data.validation import validate_dataset_dicts
 
 __all__ = [
     "Trainer",
     "setup",
+    "CPUAutocastTrainer",
+    "DatasetClassesCOCOEvaluator",
     "apply_batch_size_policy",
     "build_optimizer",
+    "check_device",
+    "check_output_dir",
+    "check_run_config",
+    "cpu_supports_bfloat16",
     "lr_factor_of",
     "maybe_add_full_model_gradient_clipping",
 ]
@@ -246,11 +252,206 @@ def apply_batch_size_policy(cfg, num_workers):
     return cfg
 
 
+def check_device(device, key="MODEL.DEVICE"):
+    """The device that ``device`` names, if this machine has it.
+
+    Args:
+        device (str): a device name, e.g. "cpu", "cuda", "cuda:1".
+        key (str): the config key or option it comes from, named in errors.
+
+    Returns:
+        torch.device
+
+    Raises:
+        ValueError: the name is not a device, or names a CUDA device this machine does not have.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{key} {device!r} is not a device name (e.g. 'cpu', 'cuda'): {e}") from e
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"{key} is {device!r} but no CUDA device is usable here: set {key} cpu"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"{key} is {device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                "device(s)"
+            )
+    return parsed
+
+
+def cpu_supports_bfloat16():
+    """Whether this CPU has native bfloat16 arithmetic (oneDNN's bfloat16 kernels).
+
+    Returns:
+        bool
+    """
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _check_registered(key, names):
+    registered = DatasetCatalog.list()
+    unknown = [n for n in names if n not in registered]
+    if unknown:
+        raise ValueError(
+            f"{key} names {', '.join(repr(n) for n in unknown)}, not registered in Detectron2's "
+            "DatasetCatalog: register it first (e.g. detectron2.data.datasets."
+            f"register_coco_instances). Registered: {', '.join(sorted(registered))}"
+        )
+
+
+def check_run_config(cfg, *, training=True):
+    """Check what a training or evaluation run is given, before it builds anything.
+
+    A training run otherwise finds an unregistered test dataset at its final evaluation, a missing
+    GPU deep in a driver message, or a zero checkpoint period at its first iteration. Every error
+    names the config key at fault.
+
+    Args:
+        cfg (CfgNode): the config.
+        training (bool): check the training keys too (else only what evaluation reads).
+
+    Returns:
+        torch.device: the device of MODEL.DEVICE.
+
+    Raises:
+        ValueError: naming the key at fault.
+    """
+    device = check_device(cfg.MODEL.DEVICE)
+    if training:
+        if not len(cfg.DATASETS.TRAIN):
+            raise ValueError("DATASETS.TRAIN is empty: name the registered dataset(s) to train on")
+        _check_registered("DATASETS.TRAIN", cfg.DATASETS.TRAIN)
+        for key in ("MAX_ITER", "CHECKPOINT_PERIOD"):
+            value = cfg.SOLVER[key]
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"SOLVER.{key} must be a positive number of iterations; got {value!r}"
+                )
+        if cfg.DATALOADER.NUM_WORKERS < 0:
+            raise ValueError(
+                f"DATALOADER.NUM_WORKERS must be >= 0 (0 loads in the training process); got "
+                f"{cfg.DATALOADER.NUM_WORKERS}"
+            )
+        if cfg.SOLVER.AMP.ENABLED and device.type == "cpu" and not cpu_supports_bfloat16():
+            raise ValueError(
+                "SOLVER.AMP.ENABLED is True on the CPU, which trains in bfloat16, but this CPU has "
+                "no native bfloat16 arithmetic: set SOLVER.AMP.ENABLED False"
+            )
+        cache_dir = cfg.DATALOADER.get("CACHE_DIR", "")
+        if cfg.DATALOADER.get("CACHE_IMAGES", False) and cache_dir and not os.path.isdir(cache_dir):
+            raise ValueError(f"DATALOADER.CACHE_DIR {cache_dir!r} is not a folder")
+        build_deformable_detr_augmentation(cfg, is_train=True)
+    elif not len(cfg.DATASETS.TEST):
+        raise ValueError("DATASETS.TEST is empty: name the registered dataset(s) to evaluate on")
+    _check_registered("DATASETS.TEST", cfg.DATASETS.TEST)
+    build_deformable_detr_augmentation(cfg, is_train=False)
+    return device
+
+
+class CPUAutocastTrainer(SimpleTrainer):
+    """``SimpleTrainer`` whose steps run under CPU autocast in bfloat16: SOLVER.AMP on a CPU.
+
+    Detectron2's AMPTrainer needs CUDA. bfloat16 has float32's exponent range, so the losses need
+    no grad scaler. The whole step is inside the autocast region: autograd replays the dtypes the
+    forward pass chose, and the optimizer's operations are not among those autocast converts.
+    """
+
+    def run_step(self):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            super().run_step()
+
+
+@contextlib.contextmanager
+def _cpu_training_parts(device):
+    """Make ``DefaultTrainer.__init__`` build a model wrapper and a step trainer that work on
+    ``device``.
+
+    Detectron2 builds both with no method to override: ``create_ddp_model`` passes
+    ``device_ids=[local rank]``, which PyTorch refuses for a model on the CPU (several processes
+    with gloo), and ``AMPTrainer`` needs CUDA. On the CPU both names are replaced in Detectron2's
+    module while the constructor runs (an AttributeError here if Detectron2 renames them); the rest
+    of the construction stays Detectron2's.
+    """
+    if device.type != "cpu":
+        yield
+        return
+    create_ddp_model, amp_trainer = d2_defaults.create_ddp_model, d2_defaults.AMPTrainer
+
+    def create_cpu_ddp_model(model, **kwargs):
+        kwargs.setdefault("device_ids", None)
+        return create_ddp_model(model, **kwargs)
+
+    d2_defaults.create_ddp_model = create_cpu_ddp_model
+    d2_defaults.AMPTrainer = CPUAutocastTrainer
+    try:
+        yield
+    finally:
+        d2_defaults.create_ddp_model = create_ddp_model
+        d2_defaults.AMPTrainer = amp_trainer
+
+
+class DatasetClassesCOCOEvaluator(COCOEvaluator):
+    """``COCOEvaluator`` that leaves out predictions of classes the dataset does not have.
+
+    A model may have more classes than the dataset it is evaluated on (NUM_CLASSES left at a COCO
+    config's 80 for a 3-class dataset: the extra classes are never trained as positives);
+    ``COCOEvaluator`` stops at the first prediction of such a class. Those predictions are not
+    reported, their number is logged, and the dataset's classes are evaluated as usual.
+    """
+
+    def __init__(self, dataset_name, *args, **kwargs):
+        """Arguments as for ``COCOEvaluator``."""
+        super().__init__(dataset_name, *args, **kwargs)
+        self._num_left_out = 0
+
+    def reset(self):
+        super().reset()
+        self._num_left_out = 0
+
+    def process(self, inputs, outputs):
+        classes = self._metadata.get("thing_classes", None)
+        if classes is not None:
+            kept = []
+            for output in outputs:
+                if "instances" in output:
+                    instances = output["instances"]
+                    inside = instances.pred_classes < len(classes)
+                    self._num_left_out += int((~inside).sum())
+                    output = dict(output, instances=instances[inside])
+                kept.append(output)
+            outputs = kept
+        super().process(inputs, outputs)
+
+    def evaluate(self, img_ids=None):
+        num_left_out = self._num_left_out
+        if self._distributed:
+            num_left_out = sum(comm.gather(num_left_out, dst=0))
+        if num_left_out and comm.is_main_process():
+            logger.info(
+                "%d prediction(s) of class ids >= %d, which the dataset %r does not have, were not "
+                "reported",
+                num_left_out,
+                len(self._metadata.thing_classes),
+                self._metadata.name,
+            )
+        return super().evaluate(img_ids)
+
+
 class Trainer(DefaultTrainer):
     """``DefaultTrainer`` with the Deformable DETR data pipeline, optimizer and evaluator.
 
-    Mixed precision follows SOLVER.AMP.ENABLED (Detectron2's AMPTrainer). Several processes train
-    on GPUs (NCCL) or, without GPUs, on the CPU (gloo).
+    The config is checked first (:func:`check_run_config`) and the batch-size policy applied
+    (:func:`apply_batch_size_policy`). Mixed precision follows SOLVER.AMP.ENABLED: Detectron2's
+    AMPTrainer on a GPU, bfloat16 autocast on a CPU (:class:`CPUAutocastTrainer`). Several
+    processes train on GPUs (NCCL) or, without GPUs, on the CPU (gloo).
     """
 
     def __init__(self, cfg):
@@ -258,36 +459,18 @@ class Trainer(DefaultTrainer):
         Args:
             cfg (CfgNode): the frozen config.
         """
-        # The same construction as DefaultTrainer.__init__, except for the DistributedDataParallel
-        # device_ids: DefaultTrainer always passes [local rank], which PyTorch rejects for a model
-        # on the CPU, so multi-process CPU training (gloo) would fail there.
-        TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
+        device = check_run_config(cfg, training=True)
         cfg = apply_batch_size_policy(cfg, comm.get_world_size())
-
-        model = self.build_model(cfg)
-        optimizer = self.build_optimizer(cfg, model)
-        data_loader = self.build_train_loader(cfg)
-
-        on_gpu = any(p.is_cuda for p in model.parameters())
-        device_ids = [comm.get_local_rank()] if on_gpu else None
-        model = create_ddp_model(model, broadcast_buffers=False, device_ids=device_ids)
-        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
-            model, data_loader, optimizer
-        )
-
-        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
-        # Atomic checkpoint files: a run killed at any moment resumes from a complete one.
-        self.checkpointer = AtomicDetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
-        )
-        self.start_iter = 0
-        self.max_iter = cfg.SOLVER.MAX_ITER
-        self.cfg = cfg
-        self.register_hooks(self.build_hooks())
+        with _cpu_training_parts(device):
+            super().__init__(cfg)
 
     def build_hooks(self):
+        # DefaultTrainer.__init__ creates its checkpointer just before the hooks, and the
+        # checkpoint hook keeps the one it finds: the atomic one, so that a run killed at any
+        # moment resumes from a complete file.
+        self.checkpointer = AtomicDetectionCheckpointer(
+            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
         hooks = super().build_hooks()
         # Saves the sampler seed with every checkpoint and continues the data stream on resume.
         hooks.insert(0, DataPositionHook(self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()))
@@ -295,10 +478,11 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
-        """COCO box evaluation, writing its results under OUTPUT_DIR/inference by default."""
+        """COCO box evaluation of the dataset's classes (:class:`DatasetClassesCOCOEvaluator`),
+        writing its results under OUTPUT_DIR/inference by default."""
         if output_folder is None:
             output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
-        return COCOEvaluator(dataset_name, output_dir=output_folder)
+        return DatasetClassesCOCOEvaluator(dataset_name, output_dir=output_folder)
 
     @classmethod
     def build_train_loader(cls, cfg):
@@ -338,6 +522,28 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
 
+def check_output_dir(path, key="OUTPUT_DIR"):
+    """Create the folder ``path`` if needed and check that files can be written in it.
+
+    Args:
+        path (str): the folder.
+        key (str): the config key or option it comes from, named in errors.
+
+    Raises:
+        ValueError: naming the key: empty, an existing file, or not creatable or writable.
+    """
+    if not path:
+        raise ValueError(f"{key} is empty: set a folder for the logs, checkpoints and results")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"{key} {path!r} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"{key} {path!r} cannot be created: {e}") from e
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"{key} {path!r} is not writable")
+
+
 def setup(args):
     """Build the frozen config from ``args`` and run Detectron2's default setup (logging, seeds,
     config dump in OUTPUT_DIR).
@@ -358,6 +564,7 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    check_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     # default_setup configures the "detectron2" loggers only: this package's messages (image cache,
     # batch size) go to the console and OUTPUT_DIR/log.txt as well. setup_logger stops propagation;

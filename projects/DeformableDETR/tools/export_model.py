@@ -32,6 +32,7 @@ from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
 from deformable_detr import add_deformable_detr_config
+from deformable_detr.engine import check_device
 from deformable_detr.export import (
     EXPORT_FORMATS,
     ONNX_OPSET,
@@ -84,10 +85,14 @@ def setup_cfg(args):
         raise ValueError(f"--config-file {args.config_file!r} does not exist")
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    # Exports are made on the CPU unless MODEL.DEVICE is given in --opts.
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.merge_from_list(args.opts)
+    try:
+        cfg.merge_from_file(args.config_file)
+        # Exports are made on the CPU unless MODEL.DEVICE is given in --opts.
+        cfg.MODEL.DEVICE = "cpu"
+        cfg.merge_from_list(args.opts)
+    except Exception as e:
+        raise ValueError(f"bad config ({args.config_file!r}, --opts {args.opts}): {e}") from e
+    check_device(cfg.MODEL.DEVICE)
     cfg.freeze()
     return cfg
 
@@ -117,7 +122,10 @@ def sample_image(args, cfg):
         return torch.rand((3, height, width), generator=generator) * 255
     if not os.path.isfile(args.sample_image):
         raise ValueError(f"--sample-image {args.sample_image!r} does not exist")
-    image = detection_utils.read_image(args.sample_image, format=cfg.INPUT.FORMAT)
+    try:
+        image = detection_utils.read_image(args.sample_image, format=cfg.INPUT.FORMAT)
+    except Exception as e:
+        raise ValueError(f"cannot read --sample-image {args.sample_image!r}: {e}") from e
     if args.height or args.width:
         h, w = image.shape[:2]
         resize = T.Resize((args.height or h, args.width or w))
@@ -163,6 +171,8 @@ def main(argv=None):
             "at the sample image's size (export one file per input size instead)"
         )
     try:
+        if os.path.exists(args.output) and not os.path.isdir(args.output):
+            raise ValueError(f"--output {args.output!r} exists and is not a folder")
         cfg = setup_cfg(args)
         image = sample_image(args, cfg)
         model = build_detector(cfg)

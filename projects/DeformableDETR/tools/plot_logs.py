@@ -154,6 +154,11 @@ def plot_logs(runs, output, keys=DEFAULT_KEYS, smooth=1, labels=None):
     if len(labels) != len(runs):
         raise ValueError(f"{len(labels)} labels for {len(runs)} runs")
     records = [load_metrics(run) for run in runs]
+    if os.path.isdir(output):
+        raise ValueError(f"--output {output!r} is a folder; give a file name such as curves.png")
+    for run in runs:
+        if os.path.exists(output) and os.path.samefile(output, metrics_path(run)):
+            raise ValueError(f"--output {output!r} is the metrics file of {run!r}")
 
     columns = min(3, len(keys))
     rows = math.ceil(len(keys) / columns)
@@ -182,10 +187,18 @@ def plot_logs(runs, output, keys=DEFAULT_KEYS, smooth=1, labels=None):
         plt.close(fig)
         raise ValueError(f"none of the keys {list(keys)} is in the metrics of {list(runs)}")
     fig.tight_layout()
-    folder = os.path.dirname(os.path.abspath(output))
+    folder, name = os.path.split(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
-    fig.savefig(output, dpi=100)
-    plt.close(fig)
+    # Drawn under a temporary name in the same folder (same extension: it sets the format) and
+    # renamed when complete, so that an interrupted run leaves no half-written picture.
+    tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}{os.path.splitext(name)[1]}")
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, output)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return drawn
 
 

@@ -7,7 +7,7 @@ Inference: shorter side 800, longer side at most 1333. Sizes come from the ``cfg
 """
 
 import copy
-import logging
+import numbers
 
 import numpy as np
 import torch
@@ -17,9 +17,12 @@ from detectron2.data import transforms as T
 
 from .validation import named_image_errors
 
-__all__ = ["DeformableDetrDatasetMapper", "RandomSelect", "build_deformable_detr_augmentation"]
-
-logger = logging.getLogger(__name__)
+__all__ = [
+    "DeformableDetrDatasetMapper",
+    "RandomSelect",
+    "build_deformable_detr_augmentation",
+    "check_input_sizes",
+]
 
 # Shorter-side sizes of the resize that precedes the random crop in the official recipe. Configs may
 # override them with cfg.INPUT.CROP_PRE_RESIZE_SIZES.
@@ -55,6 +58,76 @@ class RandomSelect(T.Augmentation):
     __str__ = __repr__
 
 
+def _positive_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0
+
+
+def check_input_sizes(cfg, is_train):
+    """Check the image sizes of ``cfg.INPUT`` that the augmentation reads.
+
+    Args:
+        cfg (CfgNode): the config.
+        is_train (bool): check the training keys, else the inference keys.
+
+    Raises:
+        ValueError: naming the key, for a size that is not a positive number of pixels (0 is
+            allowed for INPUT.MIN_SIZE_TEST: no resize), an empty list of sizes, or a "range"
+            that is not (low, high).
+    """
+    inp = cfg.INPUT
+    if not is_train:
+        size = inp.MIN_SIZE_TEST
+        if not (_positive_int(size) or size == 0):
+            raise ValueError(f"INPUT.MIN_SIZE_TEST must be a number of pixels >= 0; got {size!r}")
+        if not _positive_int(inp.MAX_SIZE_TEST):
+            raise ValueError(
+                f"INPUT.MAX_SIZE_TEST must be a positive int; got {inp.MAX_SIZE_TEST!r}"
+            )
+        return
+    sizes = inp.MIN_SIZE_TRAIN
+    sizes = [sizes] if isinstance(sizes, numbers.Number) else list(sizes)
+    if not sizes or not all(_positive_int(s) for s in sizes):
+        raise ValueError(
+            f"INPUT.MIN_SIZE_TRAIN must list positive numbers of pixels; got {inp.MIN_SIZE_TRAIN!r}"
+        )
+    sampling = inp.MIN_SIZE_TRAIN_SAMPLING
+    if sampling not in ("choice", "range"):
+        raise ValueError(
+            f"INPUT.MIN_SIZE_TRAIN_SAMPLING must be 'choice' or 'range'; got {sampling!r}"
+        )
+    if sampling == "range" and (len(sizes) != 2 or sizes[0] > sizes[1]):
+        raise ValueError(
+            "INPUT.MIN_SIZE_TRAIN must be (low, high) with INPUT.MIN_SIZE_TRAIN_SAMPLING 'range'; "
+            f"got {inp.MIN_SIZE_TRAIN!r}"
+        )
+    if not _positive_int(inp.MAX_SIZE_TRAIN):
+        raise ValueError(f"INPUT.MAX_SIZE_TRAIN must be a positive int; got {inp.MAX_SIZE_TRAIN!r}")
+    if not inp.CROP.ENABLED:
+        return
+    pre_sizes = inp.get("CROP_PRE_RESIZE_SIZES", DEFAULT_CROP_PRE_RESIZE_SIZES)
+    if len(pre_sizes) == 0 or not all(_positive_int(s) for s in pre_sizes):
+        raise ValueError(
+            f"INPUT.CROP_PRE_RESIZE_SIZES must list positive numbers of pixels; got {pre_sizes!r}"
+        )
+    crop, crop_type = tuple(inp.CROP.SIZE), inp.CROP.TYPE
+    if crop_type in ("absolute", "absolute_range"):
+        valid = len(crop) == 2 and all(_positive_int(s) for s in crop)
+        valid = valid and (crop_type == "absolute" or crop[0] <= crop[1])
+    elif crop_type in ("relative", "relative_range"):
+        valid = len(crop) == 2 and all(isinstance(s, numbers.Real) and 0 < s <= 1 for s in crop)
+    else:
+        raise ValueError(
+            "INPUT.CROP.TYPE must be 'absolute_range', 'absolute', 'relative' or "
+            f"'relative_range'; got {crop_type!r}"
+        )
+    if not valid:
+        raise ValueError(
+            f"INPUT.CROP.SIZE {list(crop)} does not suit INPUT.CROP.TYPE {crop_type!r}: two "
+            "positive ints (min <= max for 'absolute_range'), or two fractions in (0, 1] for "
+            "the relative types"
+        )
+
+
 def build_deformable_detr_augmentation(cfg, is_train):
     """The official augmentation as Detectron2 augmentations.
 
@@ -67,7 +140,11 @@ def build_deformable_detr_augmentation(cfg, is_train):
 
     Returns:
         list[Augmentation]
+
+    Raises:
+        ValueError: sizes that :func:`check_input_sizes` refuses, or an unknown INPUT.RANDOM_FLIP.
     """
+    check_input_sizes(cfg, is_train)
     if not is_train:
         return [T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")]
 
@@ -88,8 +165,6 @@ def build_deformable_detr_augmentation(cfg, is_train):
         return augs
 
     pre_sizes = cfg.INPUT.get("CROP_PRE_RESIZE_SIZES", DEFAULT_CROP_PRE_RESIZE_SIZES)
-    if len(pre_sizes) == 0:
-        raise ValueError("cfg.INPUT.CROP_PRE_RESIZE_SIZES must list at least one size")
     crop_branch = [
         # The official pre-crop resize has no limit on the longer side.
         T.ResizeShortestEdge(tuple(pre_sizes), sample_style="choice"),

@@ -2,10 +2,11 @@
 
 Bad data gets one defined behaviour each (see the README, "Robustness"):
 
-* a missing image file, a record without "file_name", a category id outside
-  ``[0, MODEL.DEFORMABLE_DETR.NUM_CLASSES)``, a box with NaN/inf coordinates, or a dataset with more
-  classes than NUM_CLASSES: an error naming the dataset, file and record, before the first
-  iteration (a silent skip would hide a broken dataset);
+* a missing image file, a record without "file_name", an annotation (not crowd) without "bbox"
+  (e.g. a segmentation only), a category id outside ``[0, MODEL.DEFORMABLE_DETR.NUM_CLASSES)``, a
+  box with NaN/inf coordinates, or a dataset with more classes than NUM_CLASSES: an error naming
+  the dataset, file and record, before the first iteration (a silent skip would hide a broken
+  dataset);
 * a box partly outside its image: clipped to the image; a box with no area left (zero or negative
   size, or entirely outside): dropped; both counted in one warning per dataset;
 * an image without annotations: kept as a negative example (as in the official recipe);
@@ -126,13 +127,14 @@ def validate_dataset_dicts(dataset_dicts, num_classes, *, dataset_names=(), chec
 
     Raises:
         FileNotFoundError: image files are missing.
-        ValueError: records without "file_name", category ids outside [0, num_classes), boxes
-            with non-finite coordinates or image sizes that are not positive.
+        ValueError: records without "file_name", annotations without "bbox", category ids
+            outside [0, num_classes), boxes with non-finite coordinates or image sizes that are
+            not positive.
     """
     names = ", ".join(repr(n) for n in dataset_names) or "the training data"
     if dataset_names:
         check_num_classes(dataset_names, num_classes)
-    errors, missing, bad_ids = [], [], []
+    errors, missing, bad_ids, no_box = [], [], [], []
     clipped, dropped, images_without_boxes = [], [], 0
     out = []
     for index, d in enumerate(dataset_dicts):
@@ -155,7 +157,11 @@ def validate_dataset_dicts(dataset_dicts, num_classes, *, dataset_names=(), chec
                 bad_ids.append(f"{where}, annotation {j}: category_id {cat!r}")
                 continue
             if "bbox" not in obj:
-                annotations.append(obj)
+                # Crowd regions are not trained on: the mapper drops them before reading boxes.
+                if obj.get("iscrowd", 0):
+                    annotations.append(obj)
+                else:
+                    no_box.append(f"{where}, annotation {j}")
                 continue
             if len(obj["bbox"]) != 4 or not all(math.isfinite(float(v)) for v in obj["bbox"]):
                 errors.append(f"{where}, annotation {j}: bbox {list(obj['bbox'])} is not 4 finite")
@@ -190,6 +196,12 @@ def validate_dataset_dicts(dataset_dicts, num_classes, *, dataset_names=(), chec
             f"{len(bad_ids)} annotation(s) of {names} have a category id outside "
             f"[0, {num_classes}) (MODEL.DEFORMABLE_DETR.NUM_CLASSES = {num_classes}; ids must be "
             "contiguous dataset ids, no background class): " + _listing(bad_ids, len(bad_ids))
+        )
+    if no_box:
+        raise ValueError(
+            f"{len(no_box)} annotation(s) of {names} have no 'bbox' (e.g. a segmentation only); "
+            "Deformable DETR learns from boxes: give every annotation its box (a segmentation's "
+            "bounding box will do) or remove it: " + _listing(no_box, len(no_box))
         )
     if errors:
         raise ValueError(f"bad records in {names}: " + _listing(errors, len(errors)))
