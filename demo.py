@@ -26,7 +26,6 @@ import time
 import cv2
 import numpy as np
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import MetadataCatalog
 from detectron2.data.detection_utils import read_image
 from detectron2.engine import DefaultPredictor
@@ -34,9 +33,8 @@ from detectron2.utils.logger import setup_logger
 from detectron2.utils.visualizer import ColorMode, Visualizer
 from PIL import Image
 
-from deformable_detr import add_deformable_detr_config
+from deformable_detr.config import check_device, load_config
 from deformable_detr.data.dataset_mapper import check_input_sizes
-from deformable_detr.engine import check_device
 
 logger = logging.getLogger("deformable_detr.demo")
 
@@ -123,15 +121,7 @@ def _device_in_opts(opts):
 
 def setup_cfg(args):
     """Build the frozen config from ``--config-file`` and ``--opts``."""
-    if not os.path.isfile(args.config_file):
-        raise ValueError(f"--config-file {args.config_file!r} does not exist")
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    try:
-        cfg.merge_from_file(args.config_file)
-        cfg.merge_from_list(args.opts)
-    except Exception as e:
-        raise ValueError(f"bad config ({args.config_file!r}, --opts {args.opts}): {e}") from e
+    cfg = load_config(args.config_file, args.opts, freeze=False)
     device = cfg.MODEL.DEVICE
     if (
         device.startswith("cuda")

@@ -5,6 +5,7 @@ import math
 import os
 
 import pytest
+import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
@@ -204,3 +205,35 @@ def test_inherited_values(name):
     cfg = load(os.path.join(CONFIG_DIR, name))
     for key, value in INHERITED[name].items():
         assert _get(cfg, key) == value, key
+
+
+def test_load_config_names_what_is_wrong(tmp_path):
+    from deformable_detr.config import ConfigError, load_config
+
+    r50 = os.path.join(CONFIG_DIR, "r50.yaml")
+    cfg = load_config(r50, ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "3"])
+    assert cfg.is_frozen() and cfg.MODEL.DEFORMABLE_DETR.NUM_CLASSES == 3
+    assert not load_config(freeze=False).is_frozen()
+    with pytest.raises(ConfigError, match="missing.yaml"):
+        load_config(str(tmp_path / "missing.yaml"))
+    with pytest.raises(ConfigError, match="override MODEL.DEFORMABLE_DETR.NUM_CLASES"):
+        load_config(r50, ["MODEL.DEFORMABLE_DETR.NUM_CLASES", "3"])
+    with pytest.raises(ConfigError, match="override SOLVER.MAX_ITER 'ten'"):
+        load_config(r50, ["SOLVER.MAX_ITER", "ten"])
+    with pytest.raises(ConfigError, match="'SOLVER.MAX_ITER' has no value"):
+        load_config(r50, ["SOLVER.MAX_ITER"])
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("MODEL:\n  DEFORMABLE_DETR:\n    NUM_QUERIS: 10\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*NUM_QUERIS"):
+        load_config(str(bad))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a machine without a GPU")
+def test_model_on_a_missing_gpu_fails_naming_the_key():
+    from detectron2.engine import DefaultPredictor
+
+    from deformable_detr.config import ConfigError, load_config
+
+    cfg = load_config(os.path.join(CONFIG_DIR, "r50.yaml"), ["MODEL.DEVICE", "cuda"])
+    with pytest.raises(ConfigError, match="MODEL.DEVICE is 'cuda'.*set MODEL.DEVICE cpu"):
+        DefaultPredictor(cfg)

@@ -3,17 +3,19 @@
 Importing this package registers the ``DeformableDETR`` meta-architecture and the quickstart
 datasets. Typical use::
 
-    from detectron2.config import get_cfg
-    from deformable_detr import add_deformable_detr_config
+    from deformable_detr import load_config
 
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file("configs/r50.yaml")
+    cfg = load_config("configs/r50.yaml", ["MODEL.WEIGHTS", "model.pth"])
 """
 
 from . import config, data, modeling
-from .config import add_deformable_detr_config
+from .config import add_deformable_detr_config, load_config
 from .data import DeformableDetrDatasetMapper
 from .modeling import DeformableDETR
 
-__all__ = ["add_deformable_detr_config", "DeformableDETR", "DeformableDetrDatasetMapper"]
+__all__ = [
+    "add_deformable_detr_config",
+    "load_config",
+    "DeformableDETR",
+    "DeformableDetrDatasetMapper",
+]

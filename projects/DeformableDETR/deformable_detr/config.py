@@ -4,12 +4,27 @@ Model keys live under ``cfg.MODEL.DEFORMABLE_DETR``; the optimiser extras the of
 (AdamW, learning-rate multipliers, full-model gradient clipping) live under ``cfg.SOLVER``. The
 defaults here are the official model's and are declared nowhere else: the YAML files state only
 what differs from them (dataset, schedule, variant). ``check_deformable_detr_config`` is the one
-check of the model keys, run when the model is built.
+check of the model keys, run when the model is built. ``load_config`` is how every entry point
+(training, evaluation, the demo, export, the converter, the benchmarks) builds its config.
 """
 
-from detectron2.config import CfgNode as CN
+import os
 
-__all__ = ["add_deformable_detr_config", "check_deformable_detr_config"]
+import torch
+from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+__all__ = [
+    "ConfigError",
+    "add_deformable_detr_config",
+    "check_deformable_detr_config",
+    "check_device",
+    "load_config",
+]
+
+
+class ConfigError(ValueError):
+    """A config file, an override or a config value that cannot be used; the message names it."""
 
 
 def add_deformable_detr_config(cfg):
@@ -146,8 +161,87 @@ def check_deformable_detr_config(cfg):
         raise ValueError(
             f"TEST.DETECTIONS_PER_IMAGE = {cfg.TEST.DETECTIONS_PER_IMAGE}: must be >= 1"
         )
+    check_device(cfg.MODEL.DEVICE)
     if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
         raise ValueError(
             f"MODEL.PIXEL_MEAN {list(cfg.MODEL.PIXEL_MEAN)} and MODEL.PIXEL_STD "
             f"{list(cfg.MODEL.PIXEL_STD)} differ in length"
         )
+
+
+def check_device(device, key="MODEL.DEVICE"):
+    """The device that ``device`` names, if this machine has it.
+
+    Args:
+        device (str): a device name, e.g. "cpu", "cuda", "cuda:1".
+        key (str): the config key or option it comes from, named in errors.
+
+    Returns:
+        torch.device
+
+    Raises:
+        ConfigError: the name is not a device, or names a CUDA device this machine does not have.
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ConfigError(f"{key} {device!r} is not a device name (e.g. 'cpu', 'cuda'): {e}") from e
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                f"{key} is {device!r} but no CUDA device is usable here: set {key} cpu"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(
+                f"{key} is {device!r} but this machine has {torch.cuda.device_count()} CUDA "
+                "device(s)"
+            )
+    return parsed
+
+
+def load_config(config_file=None, opts=(), *, freeze=True):
+    """The config of a run: Detectron2's defaults, this project's keys, a YAML file and overrides.
+
+    Every entry point builds its config here, so a missing file, an unknown key or a value of the
+    wrong type fails the same way everywhere, naming the file or the override.
+
+    Args:
+        config_file (str or None): a YAML file (``_BASE_`` chains are followed); None for the
+            defaults alone.
+        opts (list[str]): overrides as alternating keys and values, as on the command line
+            (``["MODEL.WEIGHTS", "model.pth", "SOLVER.MAX_ITER", "100"]``).
+        freeze (bool): return the config frozen.
+
+    Returns:
+        CfgNode
+
+    Raises:
+        ConfigError: naming the file or the override at fault.
+    """
+    cfg = get_cfg()
+    add_deformable_detr_config(cfg)
+    if config_file:
+        if not os.path.isfile(config_file):
+            raise ConfigError(f"config file {config_file!r} does not exist")
+        try:
+            cfg.merge_from_file(config_file)
+        except Exception as e:
+            raise ConfigError(f"config file {config_file!r}: {_reason(e)}") from e
+    opts = list(opts or ())
+    if len(opts) % 2:
+        raise ConfigError(
+            f"overrides must be KEY VALUE pairs; {opts[-1]!r} has no value (overrides: {opts})"
+        )
+    for key, value in zip(opts[::2], opts[1::2]):
+        try:
+            cfg.merge_from_list([key, value])
+        except Exception as e:
+            raise ConfigError(f"override {key} {value!r}: {_reason(e)}") from e
+    if freeze:
+        cfg.freeze()
+    return cfg
+
+
+def _reason(error):
+    # yacs wraps the key in a KeyError, whose str() adds quotes around the whole message.
+    return error.args[0] if isinstance(error, KeyError) and error.args else str(error)

@@ -18,7 +18,6 @@ import os
 import weakref
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import (
     DatasetCatalog,
     build_detection_test_loader,
@@ -33,7 +32,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from .checkpoint import AtomicDetectionCheckpointer, DataPositionHook
-from .config import add_deformable_detr_config
+from .config import check_device, load_config
 from .data import DeformableDetrDatasetMapper, build_deformable_detr_augmentation
 from .data.image_cache import build_shared_image_cache
 from .data.validation import validate_dataset_dicts
@@ -250,36 +249,6 @@ def apply_batch_size_policy(cfg, num_workers):
             OFFICIAL_TOTAL_BATCH,
         )
     return cfg
-
-
-def check_device(device, key="MODEL.DEVICE"):
-    """The device that ``device`` names, if this machine has it.
-
-    Args:
-        device (str): a device name, e.g. "cpu", "cuda", "cuda:1".
-        key (str): the config key or option it comes from, named in errors.
-
-    Returns:
-        torch.device
-
-    Raises:
-        ValueError: the name is not a device, or names a CUDA device this machine does not have.
-    """
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{key} {device!r} is not a device name (e.g. 'cpu', 'cuda'): {e}") from e
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(
-                f"{key} is {device!r} but no CUDA device is usable here: set {key} cpu"
-            )
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"{key} is {device!r} but this machine has {torch.cuda.device_count()} CUDA "
-                "device(s)"
-            )
-    return parsed
 
 
 def cpu_supports_bfloat16():
@@ -557,13 +526,7 @@ def setup(args):
     """
     if not args.config_file:
         raise ValueError("--config-file is required (e.g. configs/r50.yaml)")
-    if not os.path.isfile(args.config_file):
-        raise FileNotFoundError(f"--config-file {args.config_file!r} does not exist")
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
-    cfg.freeze()
+    cfg = load_config(args.config_file, args.opts)
     check_output_dir(cfg.OUTPUT_DIR)
     default_setup(cfg, args)
     # default_setup configures the "detectron2" loggers only: this package's messages (image cache,

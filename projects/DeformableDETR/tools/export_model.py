@@ -25,14 +25,12 @@ import sys
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import detection_utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.logger import setup_logger
 
-from deformable_detr import add_deformable_detr_config
-from deformable_detr.engine import check_device
+from deformable_detr.config import check_device, load_config
 from deformable_detr.export import (
     EXPORT_FORMATS,
     ONNX_OPSET,
@@ -81,19 +79,9 @@ def get_parser():
 
 
 def setup_cfg(args):
-    if not os.path.isfile(args.config_file):
-        raise ValueError(f"--config-file {args.config_file!r} does not exist")
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    try:
-        cfg.merge_from_file(args.config_file)
-        # Exports are made on the CPU unless MODEL.DEVICE is given in --opts.
-        cfg.MODEL.DEVICE = "cpu"
-        cfg.merge_from_list(args.opts)
-    except Exception as e:
-        raise ValueError(f"bad config ({args.config_file!r}, --opts {args.opts}): {e}") from e
+    # Exports are made on the CPU unless MODEL.DEVICE is given in --opts.
+    cfg = load_config(args.config_file, ["MODEL.DEVICE", "cpu"] + list(args.opts))
     check_device(cfg.MODEL.DEVICE)
-    cfg.freeze()
     return cfg
 
 

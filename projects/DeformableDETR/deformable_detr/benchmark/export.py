@@ -20,10 +20,9 @@ import tempfile
 import time
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from deformable_detr import add_deformable_detr_config
+from deformable_detr.config import load_config
 from deformable_detr.export import EXPORT_FORMATS, export_model, load_exported
 
 DEFAULT_CONFIG = os.path.join(
@@ -50,14 +49,7 @@ def get_parser():
 
 
 def build(args):
-    if not os.path.isfile(args.config_file):
-        raise SystemExit(f"--config-file {args.config_file!r} does not exist")
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.merge_from_list(args.opts)
+    cfg = load_config(args.config_file, ["MODEL.WEIGHTS", "", "MODEL.DEVICE", "cpu"] + args.opts)
     torch.manual_seed(0)
     return build_model(cfg).eval()
 

@@ -58,15 +58,15 @@ def build_ours(variant, opts=()):
     Returns:
         nn.Module
     """
-    from detectron2.config import get_cfg
     from detectron2.modeling import build_model
 
-    from deformable_detr import add_deformable_detr_config
+    from deformable_detr.config import load_config
 
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIG_DIR, VARIANTS[variant][0]))
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts))
+    cfg = load_config(
+        os.path.join(CONFIG_DIR, VARIANTS[variant][0]),
+        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts),
+        freeze=False,
+    )
     torch.manual_seed(0)
     return build_model(cfg).eval()
 

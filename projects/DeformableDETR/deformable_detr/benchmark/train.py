@@ -51,14 +51,12 @@ def make_batch(cfg, seed=0):
 
 
 def setup_cfg(config_file, opts):
-    from detectron2.config import get_cfg
 
-    from deformable_detr import add_deformable_detr_config
+    from deformable_detr.config import load_config
 
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts))
+    cfg = load_config(
+        config_file, ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts), freeze=False
+    )
     return cfg
 
 

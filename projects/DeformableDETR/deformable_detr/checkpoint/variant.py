@@ -46,18 +46,12 @@ _VARIANT_KEYS = (
 
 
 def _base_cfg(config_file=None):
-    from detectron2.config import get_cfg
+    from ..config import load_config
 
-    from ..config import add_deformable_detr_config
-
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    if config_file is not None:
-        path = os.path.join(CONFIG_DIR, config_file)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"config {path} not found: the converter reads configs/ there")
-        cfg.merge_from_file(path)
-    return cfg
+    path = None if config_file is None else os.path.join(CONFIG_DIR, config_file)
+    if path is not None and not os.path.isfile(path):
+        raise FileNotFoundError(f"config {path} not found: the converter reads configs/ there")
+    return load_config(path, freeze=False)
 
 
 @functools.lru_cache(maxsize=None)
