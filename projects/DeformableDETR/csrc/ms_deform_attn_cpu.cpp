@@ -1,28 +1,35 @@
-// CPU kernels of multi-scale deformable attention (float32 and float64; 16-bit inputs are computed
-// in float32).
+// CPU kernels of multi-scale deformable attention: float32 and float64 values, and bfloat16 and
+// float16 values read and written in their own dtype with float32 arithmetic (locations, weights
+// and the value-gradient sums are float32 for them).
 //
 // Sampling follows grid_sample(mode="bilinear", padding_mode="zeros", align_corners=False): a
 // normalised location x in [0, 1] maps to the pixel coordinate x * W - 0.5, and corners outside the
 // level contribute zero.
 //
-// Work is split by (batch, head) pairs. In the backward pass each task owns the gradient of
-// value[n, :, m, :] and the location and weight gradients of its head, so no two threads ever
-// write the same element and no atomics are needed. When a head takes more samples than it has
-// rows, value is first transposed to (N, M, S, D): rows M * D elements apart use only a fraction
-// of the cache sets, while a dense head stays in cache. Walking one head, the forward pass
-// prefetches what the hardware prefetchers cannot predict: the inputs of queries a few steps
-// ahead (num_heads rows apart) and the value rows of the next query, located before the current
-// query is summed so that their loads overlap with its arithmetic.
+// The forward pass is bound by the latency of reading value rows at random places, so it keeps as
+// many of those reads in flight as it can: walking one head, it locates the rows of query q + 1 and
+// prefetches them before it sums query q, and it prefetches the inputs of queries a few steps ahead
+// (num_heads rows apart, a stride the hardware prefetchers miss). Corners outside the level read a
+// row of zeros instead of taking a branch that random locations would mispredict.
 //
-// On x86 the per-head loops are compiled three times (baseline, AVX2+FMA, AVX-512) and the widest
-// one the CPU supports is picked at run time, so the extension stays portable.
+// The backward pass splits the work by (batch, head): each task owns the value gradient of its head
+// and the head's location and weight gradients, so no two threads ever write the same element, no
+// atomics are needed and the sums do not depend on the thread count.
+//
+// When a head takes more samples than it has rows, value is first transposed to (N, M, S, D): rows
+// M * D elements apart use only a fraction of the cache sets, while a dense head stays in cache.
+//
+// On x86 the per-head loops are compiled three times (baseline, AVX2+FMA+F16C, AVX-512) and the
+// widest one the CPU supports is picked at run time, so the extension stays portable.
 #include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -64,20 +71,23 @@ std::vector<Level> read_levels(const at::Tensor& spatial_shapes,
   return levels;
 }
 
-// Everything one (batch n, head m) task needs. Pointers are to the whole contiguous tensors,
-// except head_value (row 0 of the head, rows `row` elements apart) and head_grad (a dense (S, D)
-// buffer owned by the task, zero on entry).
-template <typename T>
+// Everything one task needs. V is the dtype of value, output and grad_output; T the arithmetic
+// type of locations, weights and sums. Pointers are to the whole contiguous tensors, except
+// head_value (row 0 of the head, rows `row` elements apart), zero_row (dim zeros) and head_grad
+// (row 0 of the head's value-gradient sum, rows `grad_row` elements apart, zero on entry).
+template <typename V, typename T>
 struct HeadTask {
-  const T* head_value;
+  const V* head_value;
   int64_t row;
+  const V* zero_row;
   const Level* levels;
   int64_t num_levels;
   const T* locations;
   const T* weights;
-  T* output;
-  const T* grad_output;
+  V* output;
+  const V* grad_output;
   T* head_grad;
+  int64_t grad_row;
   T* grad_locations;
   T* grad_weights;
   int64_t num_queries;
@@ -86,6 +96,8 @@ struct HeadTask {
   int64_t num_points;
   int64_t n;
   int64_t m;
+  int64_t level_begin;
+  int64_t level_end;
   int64_t q_begin;
   int64_t q_end;
 };
@@ -132,52 +144,123 @@ DDETR_INLINE bool bilinear_corners(T x, T y, const Level& level, Corners<T>& c) 
   return true;
 }
 
-// Lanes of the partial sums in dot products: separate accumulators per lane let the compiler
-// vectorise the reduction without reassociating floating-point additions.
-constexpr int kLanes = 16;
+#if defined(__GNUC__)
+// A vector of kBytes bytes of E. A typedef with a non-dependent element type and a dependent size
+// would lose its vector attribute inside a class template (GCC), hence this indirection.
+template <typename E, int kBytes>
+struct Simd {
+  typedef E type __attribute__((vector_size(kBytes)));
+};
+#endif
 
-// Sum over i of a[i] * b[i] for a channel count known only at run time.
-template <typename T>
-DDETR_INLINE T dot(const T* __restrict a, const T* __restrict b, int64_t dim) {
-  T lanes[kLanes] = {0};
-  int64_t i = 0;
-  for (; i + kLanes <= dim; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      lanes[j] += a[i + j] * b[i + j];
-    }
-  }
-  T sum = 0;
-  for (; i < dim; ++i) {
-    sum += a[i] * b[i];
-  }
-  for (int j = 0; j < kLanes; ++j) {
-    sum += lanes[j];
-  }
-  return sum;
-}
-
-// A channel row of kDim elements held in kDim / kLen SIMD vectors of kBytes bytes (GCC/Clang
-// vector extensions, compiled to the widest registers of the calling function's target). Local
-// vectors stay in registers, which an array of scalars behind a pointer does not.
+// A channel row of kDim elements of type T held in kDim / kLen SIMD vectors of kBytes bytes
+// (GCC/Clang vector extensions, compiled to the widest registers of the calling function's
+// target). Local vectors stay in registers, which an array of scalars behind a pointer does not.
+// Loads and stores convert from and to the storage type V: bfloat16 by bit shifts (stores round to
+// nearest even, like c10::BFloat16), float16 by the F16C conversions where the target has them.
 template <typename T, int kDim, int kBytes>
 struct Row {
 #if defined(__GNUC__)
-  typedef T Vec __attribute__((vector_size(kBytes)));
   static constexpr int kLen = kBytes / static_cast<int>(sizeof(T));
+  typedef T Vec __attribute__((vector_size(kBytes)));
+  typedef typename Simd<uint32_t, kBytes>::type Bits;
 #else
-  typedef T Vec;
   static constexpr int kLen = 1;
+  typedef T Vec;
 #endif
   static constexpr int kCount = kDim / kLen;
   static_assert(kDim % kLen == 0, "the channel count must be a multiple of the vector length");
   Vec v[kCount];
 
-  DDETR_INLINE static Vec load(const T* p) {
+#if defined(__GNUC__)
+  // 16-bit patterns to and from 32-bit lanes.
+  DDETR_INLINE static Bits widen(const void* p) {
+    uint16_t h[kLen];
+    std::memcpy(h, p, sizeof(h));
+    Bits b;
+    for (int i = 0; i < kLen; ++i) {
+      b[i] = h[i];
+    }
+    return b;
+  }
+  DDETR_INLINE static void narrow(void* p, const Bits& b) {
+    uint16_t h[kLen];
+    for (int i = 0; i < kLen; ++i) {
+      h[i] = static_cast<uint16_t>(b[i]);
+    }
+    std::memcpy(p, h, sizeof(h));
+  }
+#endif
+
+  template <typename V>
+  DDETR_INLINE static Vec load(const V* p) {
     Vec x;
-    std::memcpy(&x, p, sizeof(Vec));
+    if constexpr (std::is_same_v<V, T>) {
+      std::memcpy(&x, p, sizeof(Vec));
+#if defined(__GNUC__)
+    } else if constexpr (std::is_same_v<V, c10::BFloat16>) {
+      static_assert(std::is_same_v<T, float>);
+      const Bits b = widen(p) << 16;
+      std::memcpy(&x, &b, sizeof(Vec));
+    } else if constexpr (std::is_same_v<V, c10::Half>) {
+      static_assert(std::is_same_v<T, float>);
+      const Bits b = widen(p);
+      // Exponent and mantissa moved into float32 position, then rescaled by 2^112: exact for
+      // normal and subnormal halves; infinities and NaNs get the all-ones exponent.
+      const Bits magnitude = (b & 0x7FFF) << 13;
+      Vec f;
+      std::memcpy(&f, &magnitude, sizeof(Vec));
+      f *= 0x1p112f;
+      Bits out;
+      std::memcpy(&out, &f, sizeof(Vec));
+      out |= (Bits)((b & 0x7C00) == 0x7C00) & 0x7F800000;
+      out |= (b & 0x8000) << 16;
+      std::memcpy(&x, &out, sizeof(Vec));
+#endif
+    } else {
+      static_assert(!sizeof(V), "unsupported storage type");
+    }
     return x;
   }
-  DDETR_INLINE static void store(T* p, const Vec& x) { std::memcpy(p, &x, sizeof(Vec)); }
+  template <typename V>
+  DDETR_INLINE static void store(V* p, const Vec& x) {
+    if constexpr (std::is_same_v<V, T>) {
+      std::memcpy(p, &x, sizeof(Vec));
+#if defined(__GNUC__)
+    } else if constexpr (std::is_same_v<V, c10::BFloat16>) {
+      Bits b;
+      std::memcpy(&b, &x, sizeof(b));
+      // Round to nearest even; NaN becomes the canonical quiet NaN.
+      b = (b + (((b >> 16) & 1) + 0x7FFF)) >> 16;
+      const Bits nan = (Bits)(x != x);
+      b = (b & ~nan) | ((Bits{} + 0x7FC0) & nan);
+      narrow(p, b);
+    } else if constexpr (std::is_same_v<V, c10::Half>) {
+      // Round to nearest even like c10::Half: overflow to infinity, NaN to 0x7E00 with its sign,
+      // subnormal results rounded by the float adder.
+      Bits b;
+      std::memcpy(&b, &x, sizeof(b));
+      const Bits sign = b & 0x80000000u;
+      b ^= sign;
+      const Bits big = (Bits)(b >= ((127u + 16u) << 23));
+      const Bits special = 0x7C00 | ((Bits)(b > (255u << 23)) & 0x0200);
+      const Bits tiny = (Bits)(b < (113u << 23));
+      constexpr uint32_t kDenormMagic = ((127u - 15u) + (23u - 10u) + 1u) << 23;
+      Vec f;
+      std::memcpy(&f, &b, sizeof(Vec));
+      // Adding 0.5 (the float with exponent kDenormMagic) aligns the half's subnormal bits.
+      f += 0.5f;
+      Bits sub;
+      std::memcpy(&sub, &f, sizeof(Vec));
+      const Bits normal = (b + ((15u - 127u) << 23) + 0xFFF + ((b >> 13) & 1)) >> 13;
+      Bits r = (big & special) | (~big & ((tiny & (sub - kDenormMagic)) | (~tiny & normal)));
+      r |= sign >> 16;
+      narrow(p, r);
+#endif
+    } else {
+      static_assert(!sizeof(V), "unsupported storage type");
+    }
+  }
   DDETR_INLINE static T sum(const Vec& x) {
     T s = 0;
     for (int i = 0; i < kLen; ++i) {
@@ -190,18 +273,21 @@ struct Row {
       v[j] = Vec{} * 0;
     }
   }
-  DDETR_INLINE void load_from(const T* p) {
+  template <typename V>
+  DDETR_INLINE void load_from(const V* p) {
     for (int j = 0; j < kCount; ++j) {
       v[j] = load(p + j * kLen);
     }
   }
-  DDETR_INLINE void store_to(T* p) const {
+  template <typename V>
+  DDETR_INLINE void store_to(V* p) const {
     for (int j = 0; j < kCount; ++j) {
       store(p + j * kLen, v[j]);
     }
   }
   // this += w * p[0:kDim]
-  DDETR_INLINE void add_scaled(T w, const T* p) {
+  template <typename V>
+  DDETR_INLINE void add_scaled(T w, const V* p) {
     for (int j = 0; j < kCount; ++j) {
       v[j] += w * load(p + j * kLen);
     }
@@ -213,7 +299,8 @@ struct Row {
     }
   }
   // this . p[0:kDim]
-  DDETR_INLINE T dot(const T* p) const {
+  template <typename V>
+  DDETR_INLINE T dot(const V* p) const {
     Vec acc = v[0] * load(p);
     for (int j = 1; j < kCount; ++j) {
       acc += v[j] * load(p + j * kLen);
@@ -222,11 +309,10 @@ struct Row {
   }
 };
 
-// One value row of a forward sample: its offset in the head's values and its weight (attention
-// weight times bilinear weight).
-template <typename T>
+// One value row of a forward sample and its weight (attention weight times bilinear weight).
+template <typename V, typename T>
 struct Tap {
-  int64_t offset;
+  const V* row;
   T weight;
 };
 
@@ -248,9 +334,10 @@ DDETR_INLINE void prefetch_bytes(const void* p, int64_t bytes, bool write) {
 }
 
 // Computes the value rows of query q's samples into taps (in the order the sum visits them) and
-// prefetches them; returns how many there are.
-template <typename T>
-DDETR_INLINE int64_t gather_taps(const HeadTask<T>& t, int64_t q, int64_t width, Tap<T>* taps) {
+// prefetches them; returns how many there are. Corners outside the level get the zero row.
+template <typename V, typename T>
+DDETR_INLINE int64_t gather_taps(const HeadTask<V, T>& t, int64_t q, int64_t row_bytes,
+                                 Tap<V, T>* taps) {
   const int64_t samples = t.num_levels * t.num_points;
   const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
   const T* loc = t.locations + 2 * pair * samples;
@@ -265,11 +352,9 @@ DDETR_INLINE int64_t gather_taps(const HeadTask<T>& t, int64_t q, int64_t width,
       }
       const T a = *attn;
       for (int k = 0; k < 4; ++k) {
-        if (c.valid[k]) {
-          const int64_t offset = c.index[k] * t.row;
-          taps[count++] = {offset, a * c.weight[k]};
-          prefetch_bytes(t.head_value + offset, width * static_cast<int64_t>(sizeof(T)), false);
-        }
+        const V* r = c.valid[k] ? t.head_value + c.index[k] * t.row : t.zero_row;
+        taps[count++] = {r, c.valid[k] ? a * c.weight[k] : T(0)};
+        prefetch_bytes(r, row_bytes, false);
       }
     }
   }
@@ -277,41 +362,45 @@ DDETR_INLINE int64_t gather_taps(const HeadTask<T>& t, int64_t q, int64_t width,
 }
 
 // Forward pass of one head for the queries [q_begin, q_end). kDim > 0 fixes the channel count at
-// compile time (vector registers of kBytes bytes); kDim == 0 reads it from the task. The rows of
-// query q + 1 are located and prefetched before query q is summed, so their loads overlap.
-template <typename T, int kDim, int kBytes>
-DDETR_INLINE void forward_head(const HeadTask<T>& t, Tap<T>* buffer) {
+// compile time (vector registers of kBytes bytes); kDim == 0 reads it from the task and sums into
+// `scratch` (dim elements). The rows of query q + 1 are located and prefetched before query q is
+// summed, so their loads overlap.
+template <typename V, typename T, int kDim, int kBytes>
+DDETR_INLINE void forward_head(const HeadTask<V, T>& t, Tap<V, T>* buffer, T* scratch) {
   const int64_t dim = kDim > 0 ? kDim : t.dim;
   const int64_t samples = t.num_levels * t.num_points;
-  const T* __restrict head_value = t.head_value;
-  Tap<T>* cur = buffer;
-  Tap<T>* next = buffer + 4 * samples;
-  int64_t cur_count = t.q_begin < t.q_end ? gather_taps(t, t.q_begin, dim, cur) : 0;
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(V));
+  Tap<V, T>* cur = buffer;
+  Tap<V, T>* next = buffer + 4 * samples;
+  int64_t cur_count = t.q_begin < t.q_end ? gather_taps(t, t.q_begin, row_bytes, cur) : 0;
   for (int64_t q = t.q_begin; q < t.q_end; ++q) {
     const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
-    T* __restrict out = t.output + pair * dim;
+    V* __restrict out = t.output + pair * dim;
     if (q + 1 + kPrefetchQueries < t.q_end) {
       const int64_t ahead = pair + t.num_heads * (1 + kPrefetchQueries);
       prefetch_bytes(t.locations + 2 * ahead * samples, 2 * samples * sizeof(T), false);
       prefetch_bytes(t.weights + ahead * samples, samples * sizeof(T), false);
-      prefetch_bytes(t.output + ahead * dim, dim * sizeof(T), true);
+      prefetch_bytes(t.output + ahead * dim, row_bytes, true);
     }
-    const int64_t next_count = q + 1 < t.q_end ? gather_taps(t, q + 1, dim, next) : 0;
+    const int64_t next_count = q + 1 < t.q_end ? gather_taps(t, q + 1, row_bytes, next) : 0;
     if constexpr (kDim > 0) {
       Row<T, kDim, kBytes> acc;
       acc.zero();
       for (int64_t e = 0; e < cur_count; ++e) {
-        acc.add_scaled(cur[e].weight, head_value + cur[e].offset);
+        acc.add_scaled(cur[e].weight, cur[e].row);
       }
       acc.store_to(out);
     } else {
-      std::fill(out, out + dim, T(0));
+      std::fill(scratch, scratch + dim, T(0));
       for (int64_t e = 0; e < cur_count; ++e) {
         const T w = cur[e].weight;
-        const T* __restrict v = head_value + cur[e].offset;
+        const V* __restrict v = cur[e].row;
         for (int64_t i = 0; i < dim; ++i) {
-          out[i] += w * v[i];
+          scratch[i] += w * static_cast<T>(v[i]);
         }
+      }
+      for (int64_t i = 0; i < dim; ++i) {
+        out[i] = static_cast<V>(scratch[i]);
       }
     }
     std::swap(cur, next);
@@ -319,27 +408,35 @@ DDETR_INLINE void forward_head(const HeadTask<T>& t, Tap<T>* buffer) {
   }
 }
 
-// Backward pass of one head over all queries: accumulates into the task's dense head_grad and
-// writes the location and weight gradients of the head.
-template <typename T, int kDim, int kBytes>
-DDETR_INLINE void backward_head(const HeadTask<T>& t) {
+// Backward pass of one head and the levels [level_begin, level_end) over all queries: accumulates
+// into the task's head_grad and writes the location and weight gradients of those levels'
+// samples. `scratch` holds dim elements for the query's output gradient in T (generic path).
+template <typename V, typename T, int kDim, int kBytes>
+DDETR_INLINE void backward_head_levels(const HeadTask<V, T>& t, T* scratch) {
   const int64_t dim = kDim > 0 ? kDim : t.dim;
   const int64_t samples = t.num_levels * t.num_points;
-  const T* __restrict head_value = t.head_value;
+  const V* __restrict head_value = t.head_value;
   T* __restrict head_grad = t.head_grad;
+  T* g_scratch = scratch;
   for (int64_t q = 0; q < t.num_queries; ++q) {
     const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
-    const T* __restrict g = t.grad_output + pair * dim;
+    const V* __restrict g = t.grad_output + pair * dim;
     Row<T, (kDim > 0 ? kDim : kBytes / sizeof(T)), kBytes> g_row;
     if constexpr (kDim > 0) {
       g_row.load_from(g);
+    } else {
+      for (int64_t i = 0; i < dim; ++i) {
+        g_scratch[i] = static_cast<T>(g[i]);
+      }
     }
-    const T* loc = t.locations + 2 * pair * samples;
-    const T* attn = t.weights + pair * samples;
-    T* grad_loc = t.grad_locations + 2 * pair * samples;
-    T* grad_attn = t.grad_weights + pair * samples;
-    for (int64_t l = 0; l < t.num_levels; ++l) {
+    const int64_t first = pair * samples + t.level_begin * t.num_points;
+    const T* loc = t.locations + 2 * first;
+    const T* attn = t.weights + first;
+    T* grad_loc = t.grad_locations + 2 * first;
+    T* grad_attn = t.grad_weights + first;
+    for (int64_t l = t.level_begin; l < t.level_end; ++l) {
       const Level& level = t.levels[l];
+      const T width = static_cast<T>(level.width), height = static_cast<T>(level.height);
       for (int64_t p = 0; p < t.num_points; ++p, loc += 2, ++attn, grad_loc += 2, ++grad_attn) {
         Corners<T> c;
         if (!bilinear_corners(loc[0], loc[1], level, c)) {
@@ -354,17 +451,21 @@ DDETR_INLINE void backward_head(const HeadTask<T>& t) {
         for (int k = 0; k < 4; ++k) {
           dots[k] = 0;
           if (c.valid[k]) {
-            const T* v = head_value + c.index[k] * t.row;
-            T* gv = head_grad + c.index[k] * dim;
+            const V* v = head_value + c.index[k] * t.row;
+            T* gv = head_grad + c.index[k] * t.grad_row;
             const T w = a * c.weight[k];
             if constexpr (kDim > 0) {
               dots[k] = g_row.dot(v);
               g_row.add_scaled_to(w, gv);
             } else {
-              dots[k] = dot<T>(g, v, dim);
+              T s = 0;
               for (int64_t i = 0; i < dim; ++i) {
-                gv[i] += w * g[i];
+                s += g_scratch[i] * static_cast<T>(v[i]);
               }
+              for (int64_t i = 0; i < dim; ++i) {
+                gv[i] += w * g_scratch[i];
+              }
+              dots[k] = s;
             }
           }
         }
@@ -374,44 +475,46 @@ DDETR_INLINE void backward_head(const HeadTask<T>& t) {
         // The chain rule through pixel = location * size - 0.5 multiplies by the level size.
         const T dw = hh * (dots[1] - dots[0]) + c.lh * (dots[3] - dots[2]);
         const T dh = hw * (dots[2] - dots[0]) + c.lw * (dots[3] - dots[1]);
-        grad_loc[0] = a * dw * static_cast<T>(level.width);
-        grad_loc[1] = a * dh * static_cast<T>(level.height);
+        grad_loc[0] = a * dw * width;
+        grad_loc[1] = a * dh * height;
       }
     }
   }
 }
 
-template <typename T, int kDim>
-void forward_head_baseline(const HeadTask<T>& t, Tap<T>* buffer) {
-  forward_head<T, kDim, 16>(t, buffer);
+template <typename V, typename T, int kDim>
+void forward_head_baseline(const HeadTask<V, T>& t, Tap<V, T>* buffer, T* scratch) {
+  forward_head<V, T, kDim, 16>(t, buffer, scratch);
 }
 
-template <typename T, int kDim>
-void backward_head_baseline(const HeadTask<T>& t) {
-  backward_head<T, kDim, 16>(t);
+template <typename V, typename T, int kDim>
+void backward_head_baseline(const HeadTask<V, T>& t, T* scratch) {
+  backward_head_levels<V, T, kDim, 16>(t, scratch);
 }
 
 #ifdef DDETR_X86_MULTIVERSION
-template <typename T, int kDim>
-__attribute__((target("avx2,fma"))) void forward_head_avx2(const HeadTask<T>& t, Tap<T>* buffer) {
-  forward_head<T, kDim, 32>(t, buffer);
+template <typename V, typename T, int kDim>
+__attribute__((target("avx2,fma,f16c"))) void forward_head_avx2(const HeadTask<V, T>& t,
+                                                                Tap<V, T>* buffer, T* scratch) {
+  forward_head<V, T, kDim, 32>(t, buffer, scratch);
 }
 
-template <typename T, int kDim>
-__attribute__((target("avx2,fma"))) void backward_head_avx2(const HeadTask<T>& t) {
-  backward_head<T, kDim, 32>(t);
+template <typename V, typename T, int kDim>
+__attribute__((target("avx2,fma,f16c"))) void backward_head_avx2(const HeadTask<V, T>& t,
+                                                                 T* scratch) {
+  backward_head_levels<V, T, kDim, 32>(t, scratch);
 }
 
-template <typename T, int kDim>
-__attribute__((target("avx512f,avx512vl,avx2,fma"))) void forward_head_avx512(const HeadTask<T>& t,
-                                                                              Tap<T>* buffer) {
-  forward_head<T, kDim, 64>(t, buffer);
+template <typename V, typename T, int kDim>
+__attribute__((target("avx512f,avx512vl,avx2,fma,f16c"))) void forward_head_avx512(
+    const HeadTask<V, T>& t, Tap<V, T>* buffer, T* scratch) {
+  forward_head<V, T, kDim, 64>(t, buffer, scratch);
 }
 
-template <typename T, int kDim>
-__attribute__((target("avx512f,avx512vl,avx2,fma"))) void backward_head_avx512(
-    const HeadTask<T>& t) {
-  backward_head<T, kDim, 64>(t);
+template <typename V, typename T, int kDim>
+__attribute__((target("avx512f,avx512vl,avx2,fma,f16c"))) void backward_head_avx512(
+    const HeadTask<V, T>& t, T* scratch) {
+  backward_head_levels<V, T, kDim, 64>(t, scratch);
 }
 #endif
 
@@ -421,10 +524,12 @@ Isa cpu_isa() {
 #ifdef DDETR_X86_MULTIVERSION
   static const Isa isa = [] {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl")) {
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("f16c")) {
       return Isa::kAvx512;
     }
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c")) {
       return Isa::kAvx2;
     }
     return Isa::kBaseline;
@@ -435,39 +540,39 @@ Isa cpu_isa() {
 #endif
 }
 
-template <typename T, int kDim>
-void run_forward_head(const HeadTask<T>& t, Tap<T>* buffer) {
+template <typename V, typename T, int kDim>
+void run_forward_head(const HeadTask<V, T>& t, Tap<V, T>* buffer, T* scratch) {
 #ifdef DDETR_X86_MULTIVERSION
   switch (cpu_isa()) {
     case Isa::kAvx512:
-      return forward_head_avx512<T, kDim>(t, buffer);
+      return forward_head_avx512<V, T, kDim>(t, buffer, scratch);
     case Isa::kAvx2:
-      return forward_head_avx2<T, kDim>(t, buffer);
+      return forward_head_avx2<V, T, kDim>(t, buffer, scratch);
     default:
       break;
   }
 #endif
-  forward_head_baseline<T, kDim>(t, buffer);
+  forward_head_baseline<V, T, kDim>(t, buffer, scratch);
 }
 
-template <typename T, int kDim>
-void run_backward_head(const HeadTask<T>& t) {
+template <typename V, typename T, int kDim>
+void run_backward_head(const HeadTask<V, T>& t, T* scratch) {
 #ifdef DDETR_X86_MULTIVERSION
   switch (cpu_isa()) {
     case Isa::kAvx512:
-      return backward_head_avx512<T, kDim>(t);
+      return backward_head_avx512<V, T, kDim>(t, scratch);
     case Isa::kAvx2:
-      return backward_head_avx2<T, kDim>(t);
+      return backward_head_avx2<V, T, kDim>(t, scratch);
     default:
       break;
   }
 #endif
-  backward_head_baseline<T, kDim>(t);
+  backward_head_baseline<V, T, kDim>(t, scratch);
 }
 
+// Arithmetic dtype of the kernels: float32 for 16-bit values.
 at::ScalarType compute_type(const at::Tensor& value) {
-  const auto t = value.scalar_type();
-  return (t == at::kHalf || t == at::kBFloat16) ? at::kFloat : t;
+  return at::toOpMathType(value.scalar_type());
 }
 
 void check_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
@@ -485,25 +590,27 @@ bool worth_packing(int64_t num_queries, int64_t num_levels, int64_t num_points, 
   return num_heads > 1 && num_queries * num_levels * num_points >= num_rows;
 }
 
-// Copies value (N, S, M, D) into a new (N, M, S, D) tensor. Each thread reads a block of whole
-// token rows and writes M short runs, which is cheaper than the generic strided copy.
+// Copies src (N, A, B, D) into dst (N, B, A, D) of the same dtype, row by row, which is cheaper
+// than the generic strided copy.
+void swap_middle(const at::Tensor& src, at::Tensor& dst) {
+  const int64_t n = src.size(0), a = src.size(1), b = src.size(2), d = src.size(3);
+  const int64_t bytes = d * src.element_size();
+  const char* in = static_cast<const char*>(src.data_ptr());
+  char* out = static_cast<char*>(dst.data_ptr());
+  // Source rows in order: reads are sequential, writes are runs `a` rows apart.
+  at::parallel_for(0, n * a * b, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t j = r % b, i = (r / b) % a, batch = r / (a * b);
+      std::memcpy(out + ((batch * b + j) * a + i) * bytes, in + r * bytes, bytes);
+    }
+  });
+}
+
+// value (N, S, M, D) as a new (N, M, S, D) tensor.
 at::Tensor pack_heads(const at::Tensor& value) {
   const auto src = value.contiguous();
-  const int64_t n = src.size(0), s = src.size(1), m = src.size(2), d = src.size(3);
-  auto dst = at::empty({n, m, s, d}, src.options());
-  AT_DISPATCH_FLOATING_TYPES(src.scalar_type(), "ms_deform_attn_pack_heads", [&] {
-    const scalar_t* in = src.data_ptr<scalar_t>();
-    scalar_t* out = dst.data_ptr<scalar_t>();
-    at::parallel_for(0, n * s, 1024, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / s, token = row % s;
-        for (int64_t h = 0; h < m; ++h) {
-          std::memcpy(out + ((b * m + h) * s + token) * d, in + (row * m + h) * d,
-                      d * sizeof(scalar_t));
-        }
-      }
-    });
-  });
+  auto dst = at::empty({src.size(0), src.size(2), src.size(1), src.size(3)}, src.options());
+  swap_middle(src, dst);
   return dst;
 }
 
@@ -537,77 +644,88 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   const char* op_name = "ms_deform_attn_forward";
   check_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
             op_name);
+  const auto vt = value.scalar_type();
   const auto ct = compute_type(value);
   const auto loc = sampling_locations.to(ct).contiguous();
   const auto attn = attention_weights.to(ct).contiguous();
   const int64_t n = value.size(0), s = value.size(1), m = value.size(2), d = value.size(3);
   const int64_t lq = loc.size(1), nl = loc.size(3), p = loc.size(4);
-  auto out = at::empty({n, lq, m * d}, value.options().dtype(ct));
+  auto out = at::empty({n, lq, m * d}, value.options());
   if (out.numel() == 0) {
-    return out.to(value.scalar_type());
+    return out;
   }
   const auto levels = read_levels(spatial_shapes, level_start_index);
   const bool pack = worth_packing(lq, nl, p, s, m);
   // Dense heads: (N, M, S, D), each head's rows D elements apart.
-  const auto v = pack ? pack_heads(value.to(ct)) : value.to(ct).contiguous();
-  AT_DISPATCH_FLOATING_TYPES(ct, "ms_deform_attn_forward_cpu", [&] {
-    using T = scalar_t;
-    HeadTask<T> base{};
-    base.levels = levels.data();
-    base.num_levels = nl;
-    base.locations = loc.data_ptr<T>();
-    base.weights = attn.data_ptr<T>();
-    base.output = out.data_ptr<T>();
-    base.num_queries = lq;
-    base.num_heads = m;
-    base.dim = d;
-    base.num_points = p;
-    const T* vp = v.data_ptr<T>();
-    // Two queries' taps per task: the one being summed and the next one.
-    const int64_t buffer_size = 2 * 4 * nl * p;
-    auto run = [&](const HeadTask<T>& t) {
-      thread_local std::vector<Tap<T>> buffer;
-      if (static_cast<int64_t>(buffer.size()) < buffer_size) {
-        buffer.resize(buffer_size);
-      }
-      if (d == 32) {
-        run_forward_head<T, 32>(t, buffer.data());
-      } else {
-        run_forward_head<T, 0>(t, buffer.data());
-      }
-    };
-    if (pack) {
-      const int64_t chunks = (lq + kQueryChunk - 1) / kQueryChunk;
-      run_tasks(n * m * chunks, [&](int64_t task) {
-        const int64_t pair = task / chunks, c = task % chunks;
-        HeadTask<T> t = base;
-        t.n = pair / m;
-        t.m = pair % m;
-        t.head_value = vp + pair * s * d;
-        t.row = d;
-        t.q_begin = c * kQueryChunk;
-        t.q_end = std::min(lq, t.q_begin + kQueryChunk);
-        run(t);
-      });
-    } else {
-      // Few samples per row: read the values in place, split over (batch, query).
-      at::parallel_for(0, n * lq, 16, [&](int64_t begin, int64_t end) {
-        for (int64_t nq = begin; nq < end; ++nq) {
-          HeadTask<T> t = base;
-          t.n = nq / lq;
-          t.q_begin = nq % lq;
-          t.q_end = t.q_begin + 1;
-          t.row = m * d;
-          for (int64_t bm = 0; bm < m; ++bm) {
-            t.m = bm;
-            t.head_value = vp + t.n * s * m * d + bm * d;
-            run(t);
+  const auto v = pack ? pack_heads(value) : value.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(
+      at::kHalf, at::kBFloat16, value.scalar_type(), "ms_deform_attn_forward_cpu", [&] {
+        using V = scalar_t;
+        using T = at::opmath_type<V>;
+        const std::vector<V> zero_row(d, V(0));
+        HeadTask<V, T> base{};
+        base.zero_row = zero_row.data();
+        base.levels = levels.data();
+        base.num_levels = nl;
+        base.locations = loc.data_ptr<T>();
+        base.weights = attn.data_ptr<T>();
+        base.output = out.data_ptr<V>();
+        base.num_queries = lq;
+        base.num_heads = m;
+        base.dim = d;
+        base.num_points = p;
+        const V* vp = v.data_ptr<V>();
+        // Two queries' taps per task: the one being summed and the next one.
+        const int64_t buffer_size = 2 * 4 * nl * p;
+        auto run = [&](const HeadTask<V, T>& t) {
+          thread_local std::vector<Tap<V, T>> buffer;
+          thread_local std::vector<T> scratch;
+          if (static_cast<int64_t>(buffer.size()) < buffer_size) {
+            buffer.resize(buffer_size);
           }
+          if (static_cast<int64_t>(scratch.size()) < d) {
+            scratch.resize(d);
+          }
+          if (d == 32) {
+            run_forward_head<V, T, 32>(t, buffer.data(), scratch.data());
+          } else {
+            run_forward_head<V, T, 0>(t, buffer.data(), scratch.data());
+          }
+        };
+        if (pack) {
+          const int64_t chunks = (lq + kQueryChunk - 1) / kQueryChunk;
+          run_tasks(n * m * chunks, [&](int64_t task) {
+            const int64_t pair = task / chunks, c = task % chunks;
+            HeadTask<V, T> t = base;
+            t.n = pair / m;
+            t.m = pair % m;
+            t.head_value = vp + pair * s * d;
+            t.row = d;
+            t.q_begin = c * kQueryChunk;
+            t.q_end = std::min(lq, t.q_begin + kQueryChunk);
+            run(t);
+          });
+        } else {
+          // Few samples per row: read the values in place, split over (batch, query); each thread
+          // walks its queries head by head.
+          at::parallel_for(0, n * lq, 16, [&](int64_t begin, int64_t end) {
+            while (begin < end) {
+              HeadTask<V, T> t = base;
+              t.n = begin / lq;
+              t.q_begin = begin % lq;
+              t.q_end = std::min(lq, t.q_begin + (end - begin));
+              t.row = m * d;
+              for (int64_t bm = 0; bm < m; ++bm) {
+                t.m = bm;
+                t.head_value = vp + t.n * s * m * d + bm * d;
+                run(t);
+              }
+              begin += t.q_end - t.q_begin;
+            }
+          });
         }
       });
-    }
-  });
-  return out.to(value.scalar_type());
+  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
@@ -618,54 +736,70 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   check_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
             op_name);
   check_ms_deform_attn_grad_output(grad_output, value, sampling_locations, op_name);
+  const auto vt = value.scalar_type();
   const auto ct = compute_type(value);
-  const auto g = grad_output.to(ct).contiguous();
+  const auto g = grad_output.contiguous();
   const auto loc = sampling_locations.to(ct).contiguous();
   const auto attn = attention_weights.to(ct).contiguous();
   const int64_t n = value.size(0), s = value.size(1), m = value.size(2), d = value.size(3);
   const int64_t lq = loc.size(1), nl = loc.size(3), p = loc.size(4);
   const bool pack = worth_packing(lq, nl, p, s, m);
-  const auto v = pack ? value.to(ct).permute({0, 2, 1, 3}).contiguous() : value.to(ct).contiguous();
-  // The value gradient is accumulated per head in (N, M, S, D) layout: task (n, m) owns the dense
-  // slab [n, m], so no two threads ever write the same element.
-  auto grad_heads = at::zeros({n, m, s, d}, value.options().dtype(ct));
+  const auto v = pack ? pack_heads(value) : value.contiguous();
+  // Dense heads sum their value gradient in (N, M, S, D) layout. Otherwise the sums go straight
+  // into grad_value when it has the arithmetic dtype, or into a buffer of its layout.
+  const bool direct = !pack && value.scalar_type() == ct;
+  auto grad_value =
+      direct ? at::zeros({n, s, m, d}, value.options()) : at::empty({n, s, m, d}, value.options());
+  const std::vector<int64_t> sum_shape =
+      pack ? std::vector<int64_t>{n, m, s, d} : std::vector<int64_t>{n, s, m, d};
+  auto grad_sum = direct ? grad_value : at::zeros(sum_shape, value.options().dtype(ct));
   auto grad_loc = at::empty_like(loc);
   auto grad_attn = at::empty_like(attn);
-  if (grad_heads.numel() > 0) {
+  if (grad_value.numel() > 0 && lq > 0) {
     const auto levels = read_levels(spatial_shapes, level_start_index);
-    AT_DISPATCH_FLOATING_TYPES(ct, "ms_deform_attn_backward_cpu", [&] {
-      using T = scalar_t;
-      HeadTask<T> base{};
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vt, "ms_deform_attn_backward", [&] {
+      using V = scalar_t;
+      using T = at::opmath_type<V>;
+      const std::vector<V> zero_row(d, V(0));
+      HeadTask<V, T> base{};
+      base.zero_row = zero_row.data();
       base.levels = levels.data();
       base.num_levels = nl;
       base.locations = loc.data_ptr<T>();
       base.weights = attn.data_ptr<T>();
-      base.grad_output = g.data_ptr<T>();
+      base.grad_output = g.data_ptr<V>();
       base.grad_locations = grad_loc.data_ptr<T>();
       base.grad_weights = grad_attn.data_ptr<T>();
       base.num_queries = lq;
       base.num_heads = m;
       base.dim = d;
       base.num_points = p;
-      const T* vp = v.data_ptr<T>();
-      T* gp = grad_heads.data_ptr<T>();
-      // One task per (batch, head): it also owns the location and weight gradients of head m.
+      const V* vp = v.data_ptr<V>();
+      T* gp = grad_sum.data_ptr<T>();
+      // One task per (batch, head): it owns the value gradient of the head and its location and
+      // weight gradients.
       run_tasks(n * m, [&](int64_t pair) {
-        HeadTask<T> t = base;
+        HeadTask<V, T> t = base;
         t.n = pair / m;
         t.m = pair % m;
+        t.level_begin = 0;
+        t.level_end = nl;
         if (pack) {
           t.head_value = vp + pair * s * d;
           t.row = d;
+          t.head_grad = gp + pair * s * d;
+          t.grad_row = d;
         } else {
           t.head_value = vp + t.n * s * m * d + t.m * d;
           t.row = m * d;
+          t.head_grad = gp + t.n * s * m * d + t.m * d;
+          t.grad_row = m * d;
         }
-        t.head_grad = gp + pair * s * d;
+        std::vector<T> scratch(d);
         if (d == 32) {
-          run_backward_head<T, 32>(t);
+          run_backward_head<V, T, 32>(t, scratch.data());
         } else {
-          run_backward_head<T, 0>(t);
+          run_backward_head<V, T, 0>(t, scratch.data());
         }
       });
     });
@@ -673,7 +807,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     grad_loc.zero_();
     grad_attn.zero_();
   }
-  auto grad_value = grad_heads.permute({0, 2, 1, 3}).to(value.scalar_type()).contiguous();
+  if (!direct) {
+    if (pack && value.scalar_type() == ct) {
+      swap_middle(grad_sum, grad_value);
+    } else {
+      grad_value.copy_(pack ? grad_sum.permute({0, 2, 1, 3}) : grad_sum);
+    }
+  }
   return std::make_tuple(grad_value, grad_loc.to(sampling_locations.scalar_type()),
                          grad_attn.to(attention_weights.scalar_type()));
 }
