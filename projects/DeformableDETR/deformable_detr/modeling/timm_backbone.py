@@ -27,7 +27,6 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import configurable
 from detectron2.layers import FrozenBatchNorm2d, ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
-from torch.nn import functional as F
 
 __all__ = ["TimmBackbone", "add_timm_backbone_config", "build_timm_backbone", "timm_model_kwargs"]
 
@@ -245,10 +244,17 @@ class TimmBackbone(Backbone):
             ceil(W / stride)).
         """
         h, w = x.shape[-2:]
-        ph, pw = (-h) % self._pad_to, (-w) % self._pad_to
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
-        feats = self.model(x)
+        d = self._pad_to
+        # A zero canvas, with no Python branch on the size, so a traced or exported model runs
+        # the same graph at the sample's size. (A dynamic-size torch.export still fails: it
+        # cannot prove bounds such as h <= 32 * ceil(h / 32) from the floor divisions.)
+        size = (x.shape[0], x.shape[1], (h + d - 1) // d * d, (w + d - 1) // d * d)
+        canvas = torch.zeros(size, dtype=x.dtype, device=x.device)
+        if x.is_contiguous(memory_format=torch.channels_last):
+            # The caller's layout: the adapter passes channels-last images on the CPU.
+            canvas = canvas.contiguous(memory_format=torch.channels_last)
+        canvas[:, :, :h, :w] = x
+        feats = self.model(canvas)
         out = {}
         for name, f in zip(self._out_features, feats):
             if self._channels_last_out:
