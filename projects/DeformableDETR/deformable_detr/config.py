@@ -111,6 +111,10 @@ def add_deformable_detr_config(cfg):
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
 
+    from .modeling.timm_backbone import add_timm_backbone_config  # here: modeling imports config
+
+    add_timm_backbone_config(cfg)
+
 
 def check_deformable_detr_config(cfg):
     """Raise a ValueError naming the key for model config values that cannot work.
