@@ -194,3 +194,19 @@ def test_unreadable_files_are_named(tmp_path):
     torch.save({"weights": [1, 2, 3]}, str(odd))
     with pytest.raises(CheckpointConversionError, match=r"odd\.pth: entry 'weights' is not"):
         load_timm_state_dict(str(odd))
+
+
+def test_converter_cli_from_timm(tmp_path_factory, tmp_path, converter_cli, capsys):
+    source = _timm_file(tmp_path_factory, "convnext_tiny", ".safetensors")
+    out = str(tmp_path / "convnext_tiny-timm.pth")
+    args = ["--from", "timm", "--input", source, "--output", out]
+    assert converter_cli(args + ["--timm-model", "convnext_tiny", "--verify"]) == 0
+    assert "verified: the weights match the model of configs/convnext_t.yaml" in (
+        capsys.readouterr().out
+    )
+    model = torch.load(out, map_location="cpu", weights_only=False)["model"]
+    assert model and all(k.startswith("backbone.body.") for k in model)
+    # The model name is needed, and naming the wrong one fails with the file named.
+    assert converter_cli(args) == 2
+    assert converter_cli(args + ["--timm-model", "swin_tiny_patch4_window7_224"]) == 1
+    assert source in capsys.readouterr().err

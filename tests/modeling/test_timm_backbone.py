@@ -264,3 +264,11 @@ def test_missing_timm_names_the_key(monkeypatch):
     monkeypatch.setitem(sys.modules, "timm", None)
     with pytest.raises(ImportError, match=r"build_timm_backbone.*MODEL\.TIMM\.NAME.*pip install"):
         build_backbone(_cfg("swin_t.yaml"))
+
+
+def test_dynamic_export_is_refused_with_the_reason():
+    from deformable_detr.export import DeformableDetrExportWrapper, export_program
+
+    model = build_model(_cfg("convnext_t.yaml")).eval()
+    with pytest.raises(ValueError, match="dynamic image size cannot be exported.*fixed size"):
+        export_program(DeformableDetrExportWrapper(model), torch.zeros(3, 64, 64), dynamic=True)

@@ -183,6 +183,16 @@ def export_program(wrapper, image, dynamic=False):
     _check_image(image, wrapper.model.pixel_mean.shape[0])
     dynamic_shapes = None
     if dynamic:
+        body = wrapper.model.backbone.body
+        if getattr(body, "supports_dynamic_export", True) is False:
+            # The per-image padding to a multiple of the backbone's stride has bounds that the
+            # export's shape solver cannot prove: it fails with "Constraints violated" (or runs
+            # for many minutes) deep inside torch.export.
+            raise ValueError(
+                f"a dynamic image size cannot be exported with the {type(body).__name__} backbone "
+                f"({getattr(body, 'model_name', '')}): export at a fixed size instead (leave out "
+                "--dynamic), one file per input size"
+            )
         low = min_dynamic_size(wrapper.model)
         if min(image.shape[-2:]) < low:
             raise ValueError(

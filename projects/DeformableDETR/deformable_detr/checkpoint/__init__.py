@@ -1,4 +1,4 @@
-"""Checkpoints: conversion of released weights (official, HF transformers, torchvision), strict
+"""Checkpoints: conversion of released weights (official, HF transformers, torchvision, timm), strict
 weight loading, and atomic, verifiable checkpoint files with a resumable data position."""
 
 from .atomic import atomic_torch_save, atomic_write_text
@@ -17,6 +17,7 @@ from .integrity import checkpoint_problem, is_complete_checkpoint, verify_checkp
 from .official import convert_official_state_dict
 from .resnet import convert_torchvision_state_dict
 from .strict import check_state_dict_compatibility, install_strict_loading, is_detector_checkpoint
+from .timm_weights import convert_timm_checkpoint, convert_timm_state_dict, load_timm_state_dict
 from .variant import COCO_CATEGORY_IDS, COCO_CATEGORY_NAMES
 
 __all__ = [
@@ -34,6 +35,8 @@ __all__ = [
     "convert_checkpoint",
     "convert_hf_state_dict",
     "convert_official_state_dict",
+    "convert_timm_checkpoint",
+    "convert_timm_state_dict",
     "convert_torchvision_state_dict",
     "format_conversion_report",
     "hf_to_official_state_dict",
@@ -42,6 +45,7 @@ __all__ = [
     "is_detector_checkpoint",
     "load_hf_checkpoint",
     "load_official_checkpoint",
+    "load_timm_state_dict",
     "save_converted_checkpoint",
     "verify_checkpoint",
 ]

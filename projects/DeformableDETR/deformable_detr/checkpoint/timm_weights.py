@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import torch
 
-from .convert import CheckpointConversionError
+from .errors import CheckpointConversionError
 
 __all__ = ["convert_timm_checkpoint", "convert_timm_state_dict", "load_timm_state_dict"]
 

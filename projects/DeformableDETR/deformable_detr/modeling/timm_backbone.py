@@ -119,6 +119,10 @@ class TimmBackbone(Backbone):
             ``layers_0``). BatchNorm layers, if any, are ``FrozenBatchNorm2d``.
     """
 
+    # Padding each image to a multiple of the stride inside forward has size bounds that
+    # torch.export's shape solver cannot prove: only fixed-size exports work (see export.py).
+    supports_dynamic_export = False
+
     @configurable
     def __init__(self, *, model_name, out_indices, freeze_at=0, drop_path_rate=0.0, in_channels=3):
         """
