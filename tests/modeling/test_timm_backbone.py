@@ -271,4 +271,5 @@ def test_dynamic_export_is_refused_with_the_reason():
 
     model = build_model(_cfg("convnext_t.yaml")).eval()
     with pytest.raises(ValueError, match="dynamic image size cannot be exported.*fixed size"):
-        export_program(DeformableDetrExportWrapper(model), torch.zeros(3, 64, 64), dynamic=True)
+        wrapper = DeformableDetrExportWrapper(model).eval()
+        export_program(wrapper, torch.zeros(3, 64, 64), dynamic=True)
