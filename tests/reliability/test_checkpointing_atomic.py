@@ -334,3 +334,21 @@ def test_model_weights_pointing_at_an_unreadable_file_fails_naming_it(tmp_path, 
         ckpt.resume_or_load(str(path), resume=False)
     message = str(info.value)
     assert str(path) in message and reason in message, message
+
+
+def test_a_failed_export_leaves_no_partial_file(tmp_path, monkeypatch):
+    from deformable_detr import export
+
+    def half_then_fail(program, f):
+        f.write(b"PK\x03\x04 half of a program")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", half_then_fail)
+    with pytest.raises(OSError, match="No space left"):
+        export.save_exported(object(), "exported-program", None, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "model.pt2").write_bytes(b"previous export")
+    with pytest.raises(OSError):
+        export.save_exported(object(), "exported-program", None, str(tmp_path))
+    assert os.listdir(tmp_path) == ["model.pt2"]
+    assert (tmp_path / "model.pt2").read_bytes() == b"previous export"

@@ -22,6 +22,7 @@ import warnings
 import torch
 from torch import nn
 
+from .checkpoint.atomic import atomic_write_file
 from .modeling.heads import select_detections
 
 __all__ = [
@@ -245,24 +246,30 @@ def save_exported(program, fmt, image, output_dir):
     os.makedirs(output_dir, exist_ok=True)
     path = os.path.join(output_dir, FILE_NAMES[fmt])
     if fmt == "exported-program":
-        torch.export.save(program, path)
+        write = lambda f: torch.export.save(program, f)  # noqa: E731
     elif fmt == "torchscript":
-        _trace_program(program, image).save(path)
+        traced = _trace_program(program, image)
+        write = lambda f: torch.jit.save(traced, f)  # noqa: E731
     else:
         _register_onnx_symbolic()
         traced = _trace_program(program, image)
-        with torch.no_grad(), warnings.catch_warnings():
-            # A traced module has no Python signature to read the input names from.
-            warnings.filterwarnings("ignore", message="no signature found")
-            torch.onnx.export(
-                traced,
-                (image,),
-                path,
-                dynamo=False,
-                opset_version=ONNX_OPSET,
-                input_names=[INPUT_NAME],
-                output_names=list(OUTPUT_NAMES),
-            )
+
+        def write(f):
+            with torch.no_grad(), warnings.catch_warnings():
+                # A traced module has no Python signature to read the input names from.
+                warnings.filterwarnings("ignore", message="no signature found")
+                torch.onnx.export(
+                    traced,
+                    (image,),
+                    f,
+                    dynamo=False,
+                    opset_version=ONNX_OPSET,
+                    input_names=[INPUT_NAME],
+                    output_names=list(OUTPUT_NAMES),
+                )
+
+    # A failed or interrupted export leaves the previous file (or none), never a partial one.
+    atomic_write_file(path, write)
     logger.info(f"Exported the detector as {fmt} to {path}")
     return path
 

@@ -4,7 +4,7 @@ import os
 
 import torch
 
-__all__ = ["TEMP_MARKER", "atomic_torch_save", "atomic_write_text"]
+__all__ = ["TEMP_MARKER", "atomic_torch_save", "atomic_write_file", "atomic_write_text"]
 
 # Temporary files are "<final name>.tmp-<pid>": never "*.pth", so nothing lists them as checkpoints.
 TEMP_MARKER = ".tmp-"
@@ -42,6 +42,17 @@ def _atomic_write(path, write, mode, before_replace=None):
             os.remove(tmp)
         raise
     _fsync_dir(directory)
+
+
+def atomic_write_file(path, write):
+    """Write a binary file atomically: ``write(f)`` fills an open temporary file, which then
+    replaces ``path``; on any error the temporary file is removed and ``path`` is untouched.
+
+    Args:
+        path (str): destination, in a local folder.
+        write (callable): ``write(f)`` with ``f`` a file opened for binary writing.
+    """
+    _atomic_write(path, write, "wb")
 
 
 def atomic_torch_save(obj, path, before_replace=None):
