@@ -13,6 +13,7 @@ from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou, sigmoid_focal_loss
 
+from .heads import upcast
 from .matcher import HungarianMatcher
 
 __all__ = ["SetCriterion"]
@@ -100,11 +101,11 @@ class SetCriterion(nn.Module):
         logits = outputs["pred_logits"]
         batch, query = self._matched_queries(indices)
         labels = torch.cat([t["labels"][tgt] for t, (_, tgt) in zip(targets, indices)])
-        onehot = torch.zeros_like(logits, dtype=torch.float32)
+        logits = upcast(logits)
+        onehot = torch.zeros_like(logits)
         onehot[batch.to(logits.device), query.to(logits.device), labels.to(logits.device)] = 1
-        # float32 because the loss sums many small terms and half precision loses them.
         loss = sigmoid_focal_loss(
-            logits.float(), onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
+            logits, onehot, alpha=self.focal_alpha, gamma=self.focal_gamma, reduction="none"
         )
         padding = outputs.get("padding_mask")
         if padding is not None:
@@ -117,7 +118,7 @@ class SetCriterion(nn.Module):
     def loss_boxes(self, outputs, targets, indices, num_boxes):
         """L1 and GIoU losses of the matched queries, summed and divided by the number of boxes."""
         batch, query = self._matched_queries(indices)
-        pred = outputs["pred_boxes"][batch, query].float()
+        pred = upcast(outputs["pred_boxes"][batch, query])
         tgt = torch.cat([t["boxes"][j] for t, (_, j) in zip(targets, indices)]).to(pred)
         loss_bbox = F.l1_loss(pred, tgt, reduction="none").sum() / num_boxes
         giou = generalized_box_iou(

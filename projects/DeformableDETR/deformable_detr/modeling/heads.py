@@ -22,7 +22,18 @@ __all__ = [
     "decode_boxes",
     "inverse_sigmoid",
     "select_detections",
+    "upcast",
 ]
+
+
+def upcast(x):
+    """``x`` in float32 if it is half precision, else unchanged (float32 or float64).
+
+    Under autocast the heads return half precision; references, losses and matching costs are kept
+    in at least float32 because half a pixel of rounding on a large feature map is visible in the
+    sampling locations, and the losses sum many small terms. A float64 model stays in float64.
+    """
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def inverse_sigmoid(x, eps=1e-5):

@@ -12,6 +12,8 @@ from scipy.optimize import linear_sum_assignment
 from torch import nn
 from torchvision.ops import box_convert, generalized_box_iou
 
+from .heads import upcast
+
 __all__ = ["HungarianMatcher", "focal_class_cost"]
 
 
@@ -100,10 +102,10 @@ class HungarianMatcher(nn.Module):
         Returns:
             Tensor: (Q, T) float32 cost.
         """
-        # Costs in float32 even under mixed precision: the assignment is sensitive to ties.
-        prob = logits.float().sigmoid()
-        boxes = boxes.float()
-        tgt_boxes = tgt_boxes.float()
+        # Costs in at least float32 under mixed precision: the assignment is sensitive to ties.
+        prob = upcast(logits).sigmoid()
+        boxes = upcast(boxes)
+        tgt_boxes = tgt_boxes.to(boxes.dtype)
         cost = self.cost_class * focal_class_cost(prob, labels, self.focal_alpha, self.focal_gamma)
         cost = cost + self.cost_bbox * torch.cdist(boxes, tgt_boxes, p=1)
         giou = generalized_box_iou(

@@ -325,8 +325,10 @@ class DeformableDETR(nn.Module):
                     "MODEL.DEFORMABLE_DETR.NUM_CLASSES must be the number of dataset classes "
                     "(contiguous ids, no background class)"
                 )
-            scale = torch.as_tensor([w, h, w, h], dtype=torch.float32, device=self.device)
-            boxes = gt.gt_boxes.tensor.to(self.device).float() / scale
+            # float32, or float64 for a float64 model: the losses compare them with its boxes.
+            dtype = torch.promote_types(self.pixel_mean.dtype, torch.float32)
+            scale = torch.as_tensor([w, h, w, h], dtype=dtype, device=self.device)
+            boxes = gt.gt_boxes.tensor.to(self.device, dtype) / scale
             boxes = box_convert(boxes, in_fmt="xyxy", out_fmt="cxcywh")
             targets.append({"labels": labels.to(self.device), "boxes": boxes})
         return targets

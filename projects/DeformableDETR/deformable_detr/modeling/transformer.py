@@ -14,7 +14,7 @@ from torch import nn
 
 from ..layers import MultiScaleDeformableAttention
 from ..layers.tracing import is_tracing
-from .heads import decode_boxes
+from .heads import decode_boxes, upcast
 from .position_encoding import sine_encoding
 
 __all__ = [
@@ -24,12 +24,6 @@ __all__ = [
     "DeformableTransformerDecoder",
     "DeformableTransformerDecoderLayer",
 ]
-
-
-def _upcast(x):
-    # Under autocast the heads return half precision; references are kept in float32 because
-    # half a pixel of rounding on a large feature map is visible in the sampling locations.
-    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def _relu_(x):
@@ -344,7 +338,7 @@ class DeformableTransformerDecoder(nn.Module):
                 padding_mask,
             )
             if bbox_embed is not None:
-                boxes.append(decode_boxes(_upcast(bbox_embed[lid](output)), reference_points))
+                boxes.append(decode_boxes(upcast(bbox_embed[lid](output)), reference_points))
                 if refine:
                     # Each layer's box loss trains its own head only: no gradient through the
                     # chain of references.
@@ -612,7 +606,7 @@ class DeformableTransformer(nn.Module):
                 memory, mask_flatten, shapes, valid_sizes
             )
             enc_class = class_embed[num_dec](output_memory)
-            enc_coord_unact = _upcast(bbox_embed[num_dec](output_memory)) + output_proposals
+            enc_coord_unact = upcast(bbox_embed[num_dec](output_memory)) + output_proposals
 
             # Unlike the official code, padded tokens can never be picked, so the chosen
             # proposals do not depend on the rest of the batch.
@@ -631,7 +625,7 @@ class DeformableTransformer(nn.Module):
             query_pos, tgt = torch.split(query_embed, c, dim=1)
             query_pos = query_pos.unsqueeze(0).expand(n, -1, -1)
             tgt = tgt.unsqueeze(0).expand(n, -1, -1)
-            reference_points = _upcast(self.reference_points(query_pos)).sigmoid()
+            reference_points = upcast(self.reference_points(query_pos)).sigmoid()
 
         hs, inter_references, boxes = self.decoder(
             tgt,
