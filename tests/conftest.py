@@ -23,7 +23,7 @@ def config_dir():
 
 @pytest.fixture(scope="session")
 def tiny_cfg():
-    """``tiny_cfg(*opts, config="Base-DeformableDETR.yaml") -> CfgNode``: see ``helpers.tiny_cfg``."""
+    """``tiny_cfg(*opts, config=...) -> CfgNode``, the factory ``helpers.tiny_cfg``."""
     return helpers.tiny_cfg
 
 

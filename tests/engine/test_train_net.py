@@ -219,7 +219,8 @@ def test_setup_rejects_bad_input(tmp_path):
 # Two-process training through train_net.py
 # ------------------------------------------------------------------------------------------------
 
-# Two steps of the tiny model on batches of 4 pictures of the tiny dataset, one checkpoint at the end.
+# Two steps of the tiny model on batches of 4 pictures of the tiny dataset; one checkpoint, at
+# the end.
 TINY_ENGINE_RUN = [
     "DATASETS.TRAIN", '("ddetr_engine_tiny_train",)',
     "SOLVER.IMS_PER_BATCH", "4",

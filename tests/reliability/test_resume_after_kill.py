@@ -60,7 +60,8 @@ import torch
 from detectron2.data.datasets import register_coco_instances
 
 root = os.environ["DDETR_TEST_DATA"]
-register_coco_instances({dataset!r}, {{}}, os.path.join(root, "train.json"), os.path.join(root, "train"))
+image_root = os.path.join(root, "train")
+register_coco_instances({dataset!r}, {{}}, os.path.join(root, "train.json"), image_root)
 stall = os.environ.get("DDETR_TEST_STALL")
 if stall:
     real_save = torch.save
