@@ -8,15 +8,10 @@ import pytest
 import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from helpers import CONFIG_DIR
 
 from deformable_detr import add_deformable_detr_config
 
-CONFIG_DIR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-    "projects",
-    "DeformableDETR",
-    "configs",
-)
 ALL_CONFIGS = sorted(glob.glob(os.path.join(CONFIG_DIR, "*.yaml")))
 
 # Published parameter counts in millions (official README, 91 COCO class ids).

@@ -13,13 +13,13 @@ import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from helpers import CONFIG_DIR, REPO_ROOT
 
 from deformable_detr import add_deformable_detr_config
 from deformable_detr.data.quickstart import render_quickstart_image
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = os.path.join(REPO, "demo.py")
-CONFIG = os.path.join(REPO, "configs", "quickstart.yaml")
+DEMO = os.path.join(REPO_ROOT, "demo.py")
+CONFIG = os.path.join(CONFIG_DIR, "quickstart.yaml")
 # Shrink the quickstart model further: the demo only has to run.
 TINY_OPTS = [
     "MODEL.DEVICE",
@@ -71,7 +71,7 @@ def _run_demo(args):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     return subprocess.run(
         [sys.executable, DEMO] + args,
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,

@@ -5,10 +5,9 @@ import os
 
 import pytest
 import torch
+from helpers import CONFIG_DIR, TOOLS_DIR
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_DIR = os.path.join(REPO, "projects", "DeformableDETR", "configs")
-TOOL = os.path.join(REPO, "projects", "DeformableDETR", "tools", "convert_checkpoint.py")
+TOOL = os.path.join(TOOLS_DIR, "convert_checkpoint.py")
 
 # Encoder and decoder depth of every test model (both sides reduced equally); two decoder layers
 # keep the difference between shared and per-layer heads visible.

@@ -6,6 +6,7 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
+from helpers import BASE_CONFIG
 from PIL import Image
 
 from deformable_detr.config import add_deformable_detr_config
@@ -90,14 +91,9 @@ def test_augmentation_structure():
 
 
 def test_base_config_gives_the_official_recipe():
-    import os
-
-    base = os.path.join(
-        os.path.dirname(__file__), "..", "..", "configs", "Base-DeformableDETR.yaml"
-    )
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
-    cfg.merge_from_file(base)
+    cfg.merge_from_file(BASE_CONFIG)
     flip, select = build_deformable_detr_augmentation(cfg, is_train=True)
     assert isinstance(flip, T.RandomFlip) and flip.horizontal and flip.prob == 0.5
     (resize,) = select.first.augs

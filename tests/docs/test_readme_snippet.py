@@ -8,10 +8,9 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Instances
+from helpers import REPO_ROOT as ROOT
 
 from deformable_detr import add_deformable_detr_config
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _snippet(section):

@@ -8,12 +8,10 @@ import os
 import numpy as np
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
-from PIL import Image
-from test_train_net import BASE_CONFIG, TINY_CONFIG, _load_train_net
+from helpers import register_coco_dataset, write_coco_dataset
+from test_train_net import _load_train_net, _write_tiny_config
 
 from deformable_detr.config import add_deformable_detr_config
 from deformable_detr.engine import Trainer
@@ -39,34 +37,12 @@ def _box(height, width, centre):
 
 
 def _write_val_set(root):
-    rng = np.random.default_rng(1)
-    os.makedirs(os.path.join(root, "val"), exist_ok=True)
-    images, annotations = [], []
-    for i, ((height, width), objects) in enumerate(VAL_IMAGES):
-        name = f"{i}.png"
-        pixels = rng.integers(0, 255, size=(height, width, 3), dtype=np.uint8)
-        Image.fromarray(pixels).save(os.path.join(root, "val", name))
-        images.append({"id": i + 1, "file_name": name, "height": height, "width": width})
-        for centre, category in objects:
-            box = _box(height, width, centre)
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": category,
-                    "bbox": box,
-                    "area": float(box[2] * box[3]),
-                    "iscrowd": 0,
-                }
-            )
-    categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
-    with open(os.path.join(root, "val.json"), "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    pictures = [(size, [(_box(*size, c), k) for c, k in objects]) for size, objects in VAL_IMAGES]
+    write_coco_dataset(root, {"val": pictures}, seed=1)
 
 
 def _register_val_set(root):
-    if VAL_NAME not in DatasetCatalog.list():
-        register_coco_instances(VAL_NAME, {}, os.path.join(root, "val.json"), root + "/val")
+    register_coco_dataset(VAL_NAME, root, "val")
 
 
 def _eval_args(config_file, weights, output_dir):
@@ -108,7 +84,7 @@ def test_two_workers_give_the_same_ap(tmp_path):
     _write_val_set(dataset_root)
     _register_val_set(dataset_root)
     config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(TINY_CONFIG.format(base=BASE_CONFIG))
+    _write_tiny_config(config_file)
 
     # A random model whose queries predict the boxes of QUERY_CENTRES (reference points from the
     # first two query-position features, box head zero: width and height sigmoid(0) = 0.5), so

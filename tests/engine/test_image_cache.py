@@ -13,8 +13,9 @@ from detectron2.data import DatasetCatalog
 from detectron2.data import detection_utils as utils
 from detectron2.engine import default_argument_parser, launch
 from detectron2.utils import comm
+from helpers import BASE_CONFIG, tiny_cfg
 from PIL import Image
-from test_train_net import BASE_CONFIG, TINY_CONFIG, _register_tiny_dataset, _write_tiny_dataset
+from test_train_net import TINY_ENGINE_RUN
 
 from deformable_detr import engine
 from deformable_detr.config import add_deformable_detr_config
@@ -158,15 +159,9 @@ def test_one_cache_per_machine(tmp_path):
     assert os.listdir(cache_dir) == []
 
 
-def test_training_opens_no_image_file(tmp_path, caplog, monkeypatch):
-    dataset_root = str(tmp_path / "data")
-    _write_tiny_dataset(dataset_root)
-    _register_tiny_dataset(dataset_root)
-    config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(TINY_CONFIG.format(base=BASE_CONFIG))
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(str(config_file))
+def test_training_opens_no_image_file(tmp_path, caplog, monkeypatch, tiny_dataset):
+    dataset_root = tiny_dataset
+    cfg = tiny_cfg(*TINY_ENGINE_RUN, "DATASETS.TRAIN", '("tiny_train",)')
     cfg.DATALOADER.CACHE_IMAGES = True
     cfg.DATALOADER.CACHE_DIR = str(tmp_path)
     # Forked loader workers decode from the cache their parent mapped.
@@ -178,7 +173,7 @@ def test_training_opens_no_image_file(tmp_path, caplog, monkeypatch):
     cfg.freeze()
 
     train_dir = os.path.join(dataset_root, "train")
-    record = DatasetCatalog.get("ddetr_engine_tiny_train")[1]
+    record = DatasetCatalog.get("tiny_train")[1]
     caches = []
 
     def recording_build(*args, **kwargs):

@@ -6,10 +6,10 @@ import os
 
 import numpy as np
 import pytest
+from helpers import TOOLS_DIR
 from PIL import Image
 
-REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-TOOL = os.path.join(REPO_ROOT, "projects", "DeformableDETR", "tools", "plot_logs.py")
+TOOL = os.path.join(TOOLS_DIR, "plot_logs.py")
 
 
 @pytest.fixture(scope="module")

@@ -9,10 +9,9 @@ import subprocess
 
 import pytest
 from detectron2.engine import default_argument_parser
+from helpers import TOOLS_DIR, TRAIN_NET
 
-REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-SCRIPT = os.path.join(REPO_ROOT, "projects", "DeformableDETR", "tools", "run_dist_slurm.sh")
-TRAIN_NET = os.path.join(REPO_ROOT, "train_net.py")
+SCRIPT = os.path.join(TOOLS_DIR, "run_dist_slurm.sh")
 
 # Runs its task once per node, in parallel, with the variables slurm would set (and DRY_RUN set to
 # $FAKE_TASK_DRY_RUN); its arguments go to $FAKE_SRUN_LOG, the output of node i to $FAKE_SRUN_LOG.i.

@@ -6,14 +6,19 @@ import json
 import logging
 import os
 
-import numpy as np
 import pytest
 import torch
 from detectron2.config import get_cfg
-from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.data.datasets import register_coco_instances
 from detectron2.engine import default_argument_parser, launch
-from PIL import Image
+from helpers import (
+    BASE_CONFIG,
+    TINY_DATASET,
+    TRAIN_NET,
+    register_coco_dataset,
+    tiny_cfg,
+    write_cfg,
+    write_coco_dataset,
+)
 from torch import nn
 
 from deformable_detr.config import ConfigError, add_deformable_detr_config
@@ -26,16 +31,9 @@ from deformable_detr.engine import (
     setup,
 )
 
-REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BASE_CONFIG = os.path.join(
-    REPO_ROOT, "projects", "DeformableDETR", "configs", "Base-DeformableDETR.yaml"
-)
-
 
 def _load_train_net():
-    spec = importlib.util.spec_from_file_location(
-        "deformable_detr_train_net", os.path.join(REPO_ROOT, "train_net.py")
-    )
+    spec = importlib.util.spec_from_file_location("deformable_detr_train_net", TRAIN_NET)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -221,91 +219,29 @@ def test_setup_rejects_bad_input(tmp_path):
 # Two-process training through train_net.py
 # ------------------------------------------------------------------------------------------------
 
-TINY_CONFIG = """
-_BASE_: "{base}"
-MODEL:
-  WEIGHTS: ""
-  DEVICE: "cpu"
-  BACKBONE:
-    FREEZE_AT: 0
-  RESNETS:
-    DEPTH: 18
-    RES2_OUT_CHANNELS: 64
-    STEM_OUT_CHANNELS: 32
-    NORM: "GN"
-  DEFORMABLE_DETR:
-    NUM_CLASSES: 2
-    NUM_QUERIES: 10
-    HIDDEN_DIM: 64
-    NHEADS: 2
-    ENC_LAYERS: 1
-    DEC_LAYERS: 2
-    DIM_FEEDFORWARD: 64
-    ENC_N_POINTS: 2
-    DEC_N_POINTS: 2
-DATASETS:
-  TRAIN: ("ddetr_engine_tiny_train",)
-  TEST: ()
-INPUT:
-  MIN_SIZE_TRAIN: (48, 64)
-  MAX_SIZE_TRAIN: 80
-  MIN_SIZE_TEST: 64
-  MAX_SIZE_TEST: 80
-  CROP_PRE_RESIZE_SIZES: [64, 72]
-  CROP:
-    SIZE: [32, 60]
-SOLVER:
-  IMS_PER_BATCH: 4
-  BASE_LR: 0.0001
-  MAX_ITER: 2
-  STEPS: ()
-  CHECKPOINT_PERIOD: 1000
-DATALOADER:
-  NUM_WORKERS: 0
-TEST:
-  EVAL_PERIOD: 0
-  DETECTIONS_PER_IMAGE: 5
-"""
+# Two steps of the tiny model on batches of 4 pictures of the tiny dataset; one checkpoint, at
+# the end.
+TINY_ENGINE_RUN = [
+    "DATASETS.TRAIN", '("ddetr_engine_tiny_train",)',
+    "SOLVER.IMS_PER_BATCH", "4",
+    "SOLVER.MAX_ITER", "2",
+    "SOLVER.STEPS", "()",
+    "SOLVER.CHECKPOINT_PERIOD", "1000",
+    "TEST.DETECTIONS_PER_IMAGE", "5",
+]  # fmt: skip
+
+
+def _write_tiny_config(path):
+    return write_cfg(tiny_cfg(*TINY_ENGINE_RUN), path)
 
 
 def _write_tiny_dataset(root):
-    """Four training images (one without boxes) and two validation images, COCO format."""
-    rng = np.random.default_rng(0)
-    boxes_per_image = {
-        "train": [[[4, 6, 30, 20]], [[10, 10, 20, 30], [40, 5, 16, 16]], [], [[0, 0, 56, 40]]],
-        "val": [[[8, 8, 24, 24]], [[30, 12, 20, 20], [2, 30, 14, 10]]],
-    }
-    for split, per_image in boxes_per_image.items():
-        os.makedirs(os.path.join(root, split), exist_ok=True)
-        images, annotations = [], []
-        for i, boxes in enumerate(per_image):
-            name = f"{i}.png"
-            pixels = rng.integers(0, 255, size=(48, 64, 3), dtype=np.uint8)
-            Image.fromarray(pixels).save(os.path.join(root, split, name))
-            images.append({"id": i + 1, "file_name": name, "height": 48, "width": 64})
-            for j, box in enumerate(boxes):
-                annotations.append(
-                    {
-                        "id": len(annotations) + 1,
-                        "image_id": i + 1,
-                        "category_id": 1 + j % 2,
-                        "bbox": box,
-                        "area": float(box[2] * box[3]),
-                        "iscrowd": 0,
-                    }
-                )
-        categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
-        with open(os.path.join(root, f"{split}.json"), "w") as f:
-            json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
+    write_coco_dataset(root, TINY_DATASET)
 
 
 def _register_tiny_dataset(root):
-    for split in ("train", "val"):
-        name = f"ddetr_engine_tiny_{split}"
-        if name not in DatasetCatalog.list():
-            register_coco_instances(
-                name, {}, os.path.join(root, f"{split}.json"), os.path.join(root, split)
-            )
+    for split in TINY_DATASET:
+        register_coco_dataset(f"ddetr_engine_tiny_{split}", root, split)
 
 
 def _params_file(output_dir, rank):
@@ -348,7 +284,7 @@ def test_two_process_gloo_training_and_eval(tmp_path):
     output_dir = str(tmp_path / "out")
     _write_tiny_dataset(dataset_root)
     config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(TINY_CONFIG.format(base=BASE_CONFIG))
+    _write_tiny_config(config_file)
 
     args = default_argument_parser().parse_args(
         ["--config-file", str(config_file), "--num-gpus", "2", "OUTPUT_DIR", output_dir]
@@ -394,7 +330,7 @@ def test_single_gpu_amp_training(tmp_path):
     _write_tiny_dataset(dataset_root)
     _register_tiny_dataset(dataset_root)
     config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(TINY_CONFIG.format(base=BASE_CONFIG))
+    _write_tiny_config(config_file)
     args = default_argument_parser().parse_args(
         [
             "--config-file",
@@ -421,15 +357,9 @@ def test_single_gpu_amp_training(tmp_path):
 def _tiny_args(tmp_path, *opts, eval_only=False):
     dataset_root = str(tmp_path / "data")
     _write_tiny_dataset(dataset_root)
-    # This test's own copy: other tests register the same names for theirs (and may move it).
-    for split in ("train", "val"):
-        name = f"ddetr_engine_tiny_{split}"
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
     _register_tiny_dataset(dataset_root)
     config_file = tmp_path / "tiny.yaml"
-    config_file.write_text(TINY_CONFIG.format(base=BASE_CONFIG))
+    _write_tiny_config(config_file)
     argv = ["--config-file", str(config_file)] + (["--eval-only"] if eval_only else [])
     return default_argument_parser().parse_args(
         argv + ["OUTPUT_DIR", str(tmp_path / "out")] + list(opts)

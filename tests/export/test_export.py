@@ -4,13 +4,13 @@ runtimes against the eager model, and the export_model.py tool's error handling.
 import importlib.util
 import os
 
+import helpers
 import onnx
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
+from helpers import CONFIG_DIR
 
-from deformable_detr import add_deformable_detr_config
 from deformable_detr.export import (
     ONNX_OPSET,
     DeformableDetrExportWrapper,
@@ -21,9 +21,7 @@ from deformable_detr.export import (
     save_exported,
 )
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-CONFIG_DIR = os.path.join(ROOT, "projects", "DeformableDETR", "configs")
-TOOL = os.path.join(ROOT, "projects", "DeformableDETR", "tools", "export_model.py")
+TOOL = os.path.join(helpers.TOOLS_DIR, "export_model.py")
 
 # Two input sizes with different feature-map sizes at every level (strides 8 to 64).
 SIZE_A = (128, 160)
@@ -31,27 +29,14 @@ SIZE_B = (200, 136)
 
 
 def tiny_cfg(config_name):
-    """A published config on a ResNet-18 with a one-layer encoder and a two-layer decoder."""
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(os.path.join(CONFIG_DIR, config_name))
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.DEVICE = "cpu"
-    # Export and load times grow with the number of graph nodes, mostly in the backbone: a
+    """A published config on the tiny model with the published backbone layout."""
+    # Export and load times grow with the number of graph nodes, mostly in the backbone: the tiny
     # ResNet-18 keeps them small, and the backbone is exported the same way at any depth.
-    cfg.MODEL.RESNETS.DEPTH = 18
-    cfg.MODEL.RESNETS.RES2_OUT_CHANNELS = 64
+    cfg = helpers.tiny_cfg(*helpers.PUBLISHED_BACKBONE, config=config_name)
     d = cfg.MODEL.DEFORMABLE_DETR
     d.NUM_CLASSES = 5
     d.NUM_QUERIES = 12
     d.TWO_STAGE_NUM_PROPOSALS = 12
-    d.HIDDEN_DIM = 64
-    d.NHEADS = 2
-    d.ENC_LAYERS = 1
-    d.DEC_LAYERS = 2
-    d.DIM_FEEDFORWARD = 64
-    d.ENC_N_POINTS = 2
-    d.DEC_N_POINTS = 2
     cfg.TEST.DETECTIONS_PER_IMAGE = 20
     return cfg
 

@@ -8,16 +8,11 @@ from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 from detectron2.modeling.backbone.resnet import build_resnet_backbone
+from helpers import CONFIG_DIR
 
 from deformable_detr.config import add_deformable_detr_config
 
-QUICKSTART = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-    "projects",
-    "DeformableDETR",
-    "configs",
-    "quickstart.yaml",
-)
+QUICKSTART = os.path.join(CONFIG_DIR, "quickstart.yaml")
 
 
 def _cfg(**resnets):

@@ -2,14 +2,13 @@
 
 import math
 
+import helpers
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import EventStorage
 
-from deformable_detr import add_deformable_detr_config
 from deformable_detr.modeling import MLP, DeformableDETR, build_prediction_heads
 
 NUM_CLASSES = 5
@@ -25,17 +24,9 @@ VARIANTS = {
 
 
 def tiny_cfg(single_scale=False, dc5=False, refine=False, two_stage=False, dec_layers=2):
-    """The settings of a published variant on a tiny network (hidden 64, 1 encoder layer)."""
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.MODEL.META_ARCHITECTURE = "DeformableDETR"
-    cfg.MODEL.DEVICE = "cpu"
-    cfg.MODEL.WEIGHTS = ""
-    cfg.MODEL.PIXEL_MEAN = [123.675, 116.28, 103.53]
-    cfg.MODEL.PIXEL_STD = [58.395, 57.12, 57.375]
-    cfg.INPUT.FORMAT = "RGB"
+    """The settings of a published variant on the tiny model."""
+    cfg = helpers.tiny_cfg(*helpers.PUBLISHED_BACKBONE)
     res = cfg.MODEL.RESNETS
-    res.STRIDE_IN_1X1 = False
     if dc5:
         # DC5 needs a bottleneck ResNet: a narrow ResNet-50.
         res.DEPTH = 50
@@ -43,9 +34,6 @@ def tiny_cfg(single_scale=False, dc5=False, refine=False, two_stage=False, dec_l
         res.RES2_OUT_CHANNELS = 32
         res.WIDTH_PER_GROUP = 8
         res.RES5_DILATION = 2
-    else:
-        res.DEPTH = 18
-        res.RES2_OUT_CHANNELS = 64
     features = ["res5"] if single_scale else ["res3", "res4", "res5"]
     res.OUT_FEATURES = features
     d = cfg.MODEL.DEFORMABLE_DETR
@@ -54,13 +42,7 @@ def tiny_cfg(single_scale=False, dc5=False, refine=False, two_stage=False, dec_l
     d.NUM_CLASSES = NUM_CLASSES
     d.NUM_QUERIES = NUM_QUERIES
     d.TWO_STAGE_NUM_PROPOSALS = NUM_QUERIES
-    d.HIDDEN_DIM = 64
-    d.NHEADS = 2
-    d.ENC_LAYERS = 1
     d.DEC_LAYERS = dec_layers
-    d.DIM_FEEDFORWARD = 64
-    d.ENC_N_POINTS = 2
-    d.DEC_N_POINTS = 2
     d.WITH_BOX_REFINE = refine
     d.TWO_STAGE = two_stage
     cfg.TEST.DETECTIONS_PER_IMAGE = 20

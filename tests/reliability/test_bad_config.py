@@ -8,29 +8,15 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.modeling import build_model
+from helpers import BASE_CONFIG, TOOLS_DIR, tiny_cfg
 
 from deformable_detr.config import add_deformable_detr_config
 
-REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BASE_CONFIG = os.path.join(
-    REPO_ROOT, "projects", "DeformableDETR", "configs", "Base-DeformableDETR.yaml"
-)
-
+# The tiny model with one decoder layer and the official four sampling points.
 TINY = [
-    "MODEL.WEIGHTS", "",
-    "MODEL.DEVICE", "cpu",
-    "MODEL.BACKBONE.FREEZE_AT", "0",
-    "MODEL.RESNETS.DEPTH", "18",
-    "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-    "MODEL.RESNETS.STEM_OUT_CHANNELS", "32",
-    "MODEL.RESNETS.NORM", "GN",
-    "MODEL.DEFORMABLE_DETR.NUM_CLASSES", "2",
-    "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "10",
-    "MODEL.DEFORMABLE_DETR.HIDDEN_DIM", "64",
-    "MODEL.DEFORMABLE_DETR.NHEADS", "2",
-    "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1",
     "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "1",
-    "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", "64",
+    "MODEL.DEFORMABLE_DETR.ENC_N_POINTS", "4",
+    "MODEL.DEFORMABLE_DETR.DEC_N_POINTS", "4",
     "MODEL.DEFORMABLE_DETR.TWO_STAGE_NUM_PROPOSALS", "10",
     "INPUT.MIN_SIZE_TEST", "32",
     "INPUT.MAX_SIZE_TEST", "48",
@@ -38,11 +24,7 @@ TINY = [
 
 
 def _cfg(*opts):
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(BASE_CONFIG)
-    cfg.merge_from_list(TINY + list(opts))
-    return cfg
+    return tiny_cfg(*TINY, *opts)
 
 
 def test_unknown_key_is_named(tmp_path):
@@ -135,7 +117,7 @@ def test_class_count_that_does_not_match_the_weights(tmp_path):
 def _load_export_script():
     import importlib.util
 
-    path = os.path.join(REPO_ROOT, "projects", "DeformableDETR", "tools", "export_model.py")
+    path = os.path.join(TOOLS_DIR, "export_model.py")
     spec = importlib.util.spec_from_file_location("deformable_detr_export_script", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -1,50 +1,27 @@
 """Unusual inputs to the predictor and to the model: predictable results or a clear error."""
 
 import logging
-import os
 
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import DefaultPredictor
 from detectron2.structures import Boxes, Instances
 from detectron2.utils.events import EventStorage
+from helpers import tiny_cfg
 
-from deformable_detr.config import add_deformable_detr_config
-
-REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BASE_CONFIG = os.path.join(
-    REPO_ROOT, "projects", "DeformableDETR", "configs", "Base-DeformableDETR.yaml"
-)
 MIN_SIZE, MAX_SIZE, TOP_K = 32, 48, 7
 
 
 def _cfg():
-    cfg = get_cfg()
-    add_deformable_detr_config(cfg)
-    cfg.merge_from_file(BASE_CONFIG)
-    cfg.merge_from_list(
-        [
-            "MODEL.WEIGHTS", "",
-            "MODEL.DEVICE", "cpu",
-            "MODEL.RESNETS.DEPTH", "18",
-            "MODEL.RESNETS.RES2_OUT_CHANNELS", "64",
-            "MODEL.RESNETS.STEM_OUT_CHANNELS", "32",
-            "MODEL.RESNETS.NORM", "GN",
-            "MODEL.DEFORMABLE_DETR.NUM_CLASSES", "2",
-            "MODEL.DEFORMABLE_DETR.NUM_QUERIES", "10",
-            "MODEL.DEFORMABLE_DETR.HIDDEN_DIM", "64",
-            "MODEL.DEFORMABLE_DETR.NHEADS", "2",
-            "MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1",
-            "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "2",
-            "MODEL.DEFORMABLE_DETR.DIM_FEEDFORWARD", "64",
-            "INPUT.MIN_SIZE_TEST", str(MIN_SIZE),
-            "INPUT.MAX_SIZE_TEST", str(MAX_SIZE),
-            "TEST.DETECTIONS_PER_IMAGE", str(TOP_K),
-        ]
+    return tiny_cfg(
+        "MODEL.BACKBONE.FREEZE_AT", "2",
+        "MODEL.DEFORMABLE_DETR.ENC_N_POINTS", "4",
+        "MODEL.DEFORMABLE_DETR.DEC_N_POINTS", "4",
+        "INPUT.MIN_SIZE_TEST", str(MIN_SIZE),
+        "INPUT.MAX_SIZE_TEST", str(MAX_SIZE),
+        "TEST.DETECTIONS_PER_IMAGE", str(TOP_K),
     )  # fmt: skip
-    return cfg
 
 
 @pytest.fixture(scope="module")

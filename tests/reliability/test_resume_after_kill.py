@@ -11,68 +11,45 @@ import sys
 import time
 import weakref
 
-import numpy as np
 import pytest
 import torch
 from detectron2.engine import HookBase
-from PIL import Image
+from helpers import (
+    REPO_ROOT,
+    TRAIN_NET,
+    register_coco_dataset,
+    tiny_cfg,
+    write_cfg,
+    write_coco_dataset,
+)
 
 from deformable_detr.checkpoint import is_complete_checkpoint
 
-REPO_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
-BASE_CONFIG = os.path.join(
-    REPO_ROOT, "projects", "DeformableDETR", "configs", "Base-DeformableDETR.yaml"
-)
 DATASET = "ddetr_reliability_kill_train"
 MAX_ITER = 8
 PERIOD = 2
+# Six pictures with 0, 1 or 2 boxes.
+PICTURES = [
+    ((40, 56), [([4.0 + 10 * j, 6.0, 16.0, 20.0], 1 + j % 2) for j in range(i % 3)])
+    for i in range(6)
+]
 
-TINY_CONFIG = """
-_BASE_: "{base}"
-MODEL:
-  WEIGHTS: ""
-  DEVICE: "cpu"
-  BACKBONE:
-    FREEZE_AT: 0
-  RESNETS:
-    DEPTH: 18
-    RES2_OUT_CHANNELS: 64
-    STEM_OUT_CHANNELS: 32
-    NORM: "GN"
-  DEFORMABLE_DETR:
-    NUM_CLASSES: 2
-    NUM_QUERIES: 10
-    HIDDEN_DIM: 64
-    NHEADS: 2
-    ENC_LAYERS: 1
-    DEC_LAYERS: 2
-    DIM_FEEDFORWARD: 64
-    ENC_N_POINTS: 2
-    DEC_N_POINTS: 2
-DATASETS:
-  TRAIN: ("{dataset}",)
-  TEST: ()
-INPUT:
-  MIN_SIZE_TRAIN: (40, 48)
-  MAX_SIZE_TRAIN: 64
-  MIN_SIZE_TEST: 48
-  MAX_SIZE_TEST: 64
-  CROP_PRE_RESIZE_SIZES: [48]
-  CROP:
-    SIZE: [32, 48]
-SOLVER:
-  IMS_PER_BATCH: 2
-  BASE_LR: 0.0001
-  MAX_ITER: {max_iter}
-  STEPS: (5,)
-  CHECKPOINT_PERIOD: {period}
-DATALOADER:
-  NUM_WORKERS: 0
-  ASPECT_RATIO_GROUPING: False
-TEST:
-  EVAL_PERIOD: 0
-  DETECTIONS_PER_IMAGE: 5
-"""
+# The tiny model on batches of 2 pictures, a checkpoint every PERIOD steps.
+RUN = [
+    "DATASETS.TRAIN", f'("{DATASET}",)',
+    "INPUT.MIN_SIZE_TRAIN", "(40, 48)",
+    "INPUT.MAX_SIZE_TRAIN", "64",
+    "INPUT.MIN_SIZE_TEST", "48",
+    "INPUT.MAX_SIZE_TEST", "64",
+    "INPUT.CROP_PRE_RESIZE_SIZES", "[48]",
+    "INPUT.CROP.SIZE", "[32, 48]",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", str(MAX_ITER),
+    "SOLVER.STEPS", "(5,)",
+    "SOLVER.CHECKPOINT_PERIOD", str(PERIOD),
+    "DATALOADER.ASPECT_RATIO_GROUPING", "False",
+    "TEST.DETECTIONS_PER_IMAGE", "5",
+]  # fmt: skip
 
 # Runs train_net.py as __main__ after registering the tiny dataset. With DDETR_TEST_STALL set to
 # a checkpoint name, the write of that checkpoint stops half-way (the temporary file is cut to
@@ -83,7 +60,8 @@ import torch
 from detectron2.data.datasets import register_coco_instances
 
 root = os.environ["DDETR_TEST_DATA"]
-register_coco_instances({dataset!r}, {{}}, os.path.join(root, "train.json"), root)
+image_root = os.path.join(root, "train")
+register_coco_instances({dataset!r}, {{}}, os.path.join(root, "train.json"), image_root)
 stall = os.environ.get("DDETR_TEST_STALL")
 if stall:
     real_save = torch.save
@@ -105,46 +83,15 @@ runpy.run_path({train_net!r}, run_name="__main__")
 """
 
 
-def _write_dataset(root):
-    rng = np.random.default_rng(0)
-    os.makedirs(root, exist_ok=True)
-    images, annotations = [], []
-    for i in range(6):
-        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(
-            os.path.join(root, f"{i}.png")
-        )
-        images.append({"id": i + 1, "file_name": f"{i}.png", "height": 40, "width": 56})
-        for j in range(i % 3):
-            box = [4.0 + 10 * j, 6.0, 16.0, 20.0]
-            annotations.append(
-                {
-                    "id": len(annotations) + 1,
-                    "image_id": i + 1,
-                    "category_id": 1 + j % 2,
-                    "bbox": box,
-                    "area": box[2] * box[3],
-                    "iscrowd": 0,
-                }
-            )
-    categories = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}]
-    with open(os.path.join(root, "train.json"), "w") as f:
-        json.dump({"images": images, "annotations": annotations, "categories": categories}, f)
-
-
 @pytest.fixture(scope="module")
 def setup_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("kill")
     data = str(tmp / "data")
-    _write_dataset(data)
-    config = tmp / "tiny.yaml"
-    config.write_text(
-        TINY_CONFIG.format(base=BASE_CONFIG, dataset=DATASET, max_iter=MAX_ITER, period=PERIOD)
-    )
+    write_coco_dataset(data, {"train": PICTURES})
+    config = write_cfg(tiny_cfg(*RUN), tmp / "tiny.yaml")
     launcher = tmp / "launcher.py"
-    launcher.write_text(
-        LAUNCHER.format(dataset=DATASET, train_net=os.path.join(REPO_ROOT, "train_net.py"))
-    )
-    return tmp, data, str(config), str(launcher)
+    launcher.write_text(LAUNCHER.format(dataset=DATASET, train_net=TRAIN_NET))
+    return tmp, data, config, str(launcher)
 
 
 def _start(setup, output_dir, resume, **env):
@@ -286,16 +233,13 @@ class _Poison(HookBase):
 
 
 def _trainer(setup, output_dir):
-    from detectron2.data import DatasetCatalog
-    from detectron2.data.datasets import register_coco_instances
     from detectron2.engine import default_argument_parser
 
     from deformable_detr.engine import Trainer
     from deformable_detr.engine import setup as setup_cfg
 
     tmp, data, config, _ = setup
-    if DATASET not in DatasetCatalog.list():
-        register_coco_instances(DATASET, {}, os.path.join(data, "train.json"), data)
+    register_coco_dataset(DATASET, data, "train")
     args = default_argument_parser().parse_args(
         ["--config-file", config, "OUTPUT_DIR", output_dir, "SOLVER.MAX_ITER", "6"]
     )
