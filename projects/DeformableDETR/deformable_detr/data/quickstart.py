@@ -30,6 +30,7 @@ gradients): the data of the fine-tuning example, a model trained on the quicksta
 pretrained one.
 """
 
+import functools
 import json
 import logging
 import math
@@ -76,11 +77,10 @@ QUICKSTART_COLORS = [
 ShapesDataset = namedtuple("ShapesDataset", "name classes colors background version")
 ShapesDataset.__doc__ = """A synthetic shapes dataset: its name (the prefix of the registered
 names and the cache folder), class names, drawing colours, background style ("clutter" or
-"tiles") and generator version (bumped whenever its pictures change)."""
+"tiles") and generator version (bumped whenever its pictures change; None: GENERATOR_VERSION)."""
 
-QUICKSTART = ShapesDataset(
-    "quickstart", QUICKSTART_CLASSES, QUICKSTART_COLORS, "clutter", GENERATOR_VERSION
-)
+# The quickstart's version is GENERATOR_VERSION itself (None), read when a dataset is checked.
+QUICKSTART = ShapesDataset("quickstart", QUICKSTART_CLASSES, QUICKSTART_COLORS, "clutter", None)
 SHAPES_FINETUNE = ShapesDataset(
     "shapes_finetune",
     ["circle", "triangle", "star", "hexagon", "diamond"],
@@ -113,6 +113,10 @@ _NUM_OBJECTS_P = (0.15, 0.25, 0.25, 0.2, 0.15)
 _MIN_CONTRAST = 0.9
 # cv2 polygon vertices carry this many fractional bits, for sub-pixel edges.
 _SHIFT = 4
+
+
+def _version(dataset):
+    return GENERATOR_VERSION if dataset.version is None else dataset.version
 
 
 def default_quickstart_root(dataset=QUICKSTART):
@@ -417,7 +421,7 @@ def _write_split(out_dir, split, num_images, seed, dataset=QUICKSTART):
     coco = {
         "info": {
             "description": f"Deformable DETR {dataset.name} shapes, {split} split",
-            "version": str(dataset.version),
+            "version": str(_version(dataset)),
         },
         "licenses": [],
         "images": images,
@@ -459,11 +463,14 @@ def generate_quickstart_dataset(
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     os.makedirs(output_dir, exist_ok=True)
     counts = {"train": num_train, "val": num_val}
+    write = _write_split
+    if dataset is not QUICKSTART:
+        write = functools.partial(_write_split, dataset=dataset)
     manifest = {
-        "generator_version": dataset.version,
+        "generator_version": _version(dataset),
         "seed": int(seed),
         "classes": list(dataset.classes),
-        "splits": {s: _write_split(output_dir, s, int(counts[s]), seed, dataset) for s in _SPLITS},
+        "splits": {s: write(output_dir, s, int(counts[s]), seed) for s in _SPLITS},
     }
     with open(os.path.join(output_dir, _MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
@@ -477,7 +484,7 @@ def _is_complete(root, num_train, num_val, seed, dataset=QUICKSTART):
     except (OSError, ValueError):
         return False
     if (
-        manifest.get("generator_version") != dataset.version
+        manifest.get("generator_version") != _version(dataset)
         or manifest.get("seed") != seed
         or manifest.get("classes") != list(dataset.classes)
     ):
