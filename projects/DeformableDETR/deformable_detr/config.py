@@ -23,6 +23,10 @@ __all__ = [
 ]
 
 
+# Values of MODEL.DEFORMABLE_DETR.FREEZE.
+FREEZE_CHOICES = ("", "backbone", "backbone+encoder")
+
+
 class ConfigError(ValueError):
     """A config file, an override or a config value that cannot be used; the message names it."""
 
@@ -85,6 +89,18 @@ def add_deformable_detr_config(cfg):
     _C.FOCAL_ALPHA = 0.25
     _C.FOCAL_GAMMA = 2.0
 
+    # Fine-tuning from MODEL.WEIGHTS whose class heads have another class count (only when
+    # training, never when resuming): a class whose name (case-insensitive) is one of the
+    # checkpoint's classes starts from that class's row in every class head; the other rows start
+    # fresh. False: every row starts fresh. The names are the training dataset's thing_classes and
+    # the "thing_classes" stored in the checkpoint.
+    _C.TRANSFER_CLASSES_BY_NAME = True
+    # Parts kept fixed during training: "" (nothing), "backbone" (the whole ResNet, whatever
+    # MODEL.BACKBONE.FREEZE_AT says) or "backbone+encoder" (also the input projections, the level
+    # embeddings and the transformer encoder). Fine-tuning on a small dataset overfits less and
+    # trains faster with less to learn.
+    _C.FREEZE = ""
+
     # Shorter-side sizes of the resize applied before the random crop of the official training
     # augmentation (the crop itself is INPUT.CROP with TYPE "absolute_range").
     cfg.INPUT.CROP_PRE_RESIZE_SIZES = [400, 500, 600]
@@ -95,6 +111,22 @@ def add_deformable_detr_config(cfg):
     # Folder of the image cache; it must be memory-backed to keep the images in memory.
     # "" means /dev/shm when it exists and is writable, else the temporary folder.
     cfg.DATALOADER.CACHE_DIR = ""
+
+    # COCO-format datasets registered from the config, as (name, json_file, image_root) triples,
+    # in every process that builds the config (Detectron2's register_coco_instances); then name
+    # them in DATASETS.TRAIN / DATASETS.TEST.
+    cfg.DATASETS.REGISTER_COCO = ()
+
+    # Exponential moving average of the weights, updated after every step, saved with every
+    # checkpoint (as "ema") and resumed with it; evaluation during training and --eval-only use
+    # the averaged weights when enabled.
+    cfg.SOLVER.EMA = CN()
+    cfg.SOLVER.EMA.ENABLED = False
+    # Largest decay: the average keeps this fraction of itself at every step.
+    cfg.SOLVER.EMA.DECAY = 0.9998
+    # Ramp the decay up from 0 (timm's warmup: 1 - (1 + step)^(-2/3)), so that a short run's
+    # average is not dominated by its first weights.
+    cfg.SOLVER.EMA.WARMUP = True
 
     # Optimiser: "ADAMW" (the official recipe) or "SGD".
     cfg.SOLVER.OPTIMIZER = "ADAMW"
@@ -161,6 +193,11 @@ def check_deformable_detr_config(cfg):
     ):
         need(getattr(d, key) >= 0, key, "must be >= 0")
     need(d.FOCAL_GAMMA >= 0, "FOCAL_GAMMA", "must be >= 0")
+    need(
+        d.FREEZE in FREEZE_CHOICES,
+        "FREEZE",
+        "must be one of " + ", ".join(repr(c) for c in FREEZE_CHOICES),
+    )
     if cfg.TEST.DETECTIONS_PER_IMAGE < 1:
         raise ValueError(
             f"TEST.DETECTIONS_PER_IMAGE = {cfg.TEST.DETECTIONS_PER_IMAGE}: must be >= 1"
@@ -207,7 +244,8 @@ def load_config(config_file=None, opts=(), *, freeze=True):
     """The config of a run: Detectron2's defaults, this project's keys, a YAML file and overrides.
 
     Every entry point builds its config here, so a missing file, an unknown key or a value of the
-    wrong type fails the same way everywhere, naming the file or the override.
+    wrong type fails the same way everywhere, naming the file or the override; the datasets of
+    DATASETS.REGISTER_COCO are registered here too.
 
     Args:
         config_file (str or None): a YAML file (``_BASE_`` chains are followed); None for the
@@ -220,7 +258,7 @@ def load_config(config_file=None, opts=(), *, freeze=True):
         CfgNode
 
     Raises:
-        ConfigError: naming the file or the override at fault.
+        ConfigError: naming the file, the override or the DATASETS.REGISTER_COCO entry at fault.
     """
     cfg = get_cfg()
     add_deformable_detr_config(cfg)
@@ -241,6 +279,11 @@ def load_config(config_file=None, opts=(), *, freeze=True):
             cfg.merge_from_list([key, value])
         except Exception as e:
             raise ConfigError(f"override {key} {value!r}: {_reason(e)}") from e
+    # Every entry point and every launch worker builds its config here, so the datasets of
+    # DATASETS.REGISTER_COCO exist wherever the config is used.
+    from .data.register import register_coco_from_config
+
+    register_coco_from_config(cfg)
     if freeze:
         cfg.freeze()
     return cfg

@@ -20,12 +20,14 @@ import weakref
 import torch
 from detectron2.data import (
     DatasetCatalog,
+    MetadataCatalog,
     build_detection_test_loader,
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
 from detectron2.engine import DefaultTrainer, SimpleTrainer, default_setup
 from detectron2.engine import defaults as d2_defaults
+from detectron2.engine import hooks as d2_hooks
 from detectron2.evaluation import COCOEvaluator
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from detectron2.utils import comm
@@ -36,6 +38,7 @@ from .config import check_device, load_config
 from .data import DeformableDetrDatasetMapper, build_deformable_detr_augmentation
 from .data.image_cache import build_shared_image_cache
 from .data.validation import validate_dataset_dicts
+from .ema import EMAHook, ModelEMA
 
 __all__ = [
     "Trainer",
@@ -48,6 +51,7 @@ __all__ = [
     "check_output_dir",
     "check_run_config",
     "cpu_supports_bfloat16",
+    "freeze_parts",
     "lr_factor_of",
     "maybe_add_full_model_gradient_clipping",
 ]
@@ -251,6 +255,57 @@ def apply_batch_size_policy(cfg, num_workers):
     return cfg
 
 
+# Prefixes of the parameters each MODEL.DEFORMABLE_DETR.FREEZE value keeps fixed.
+_FROZEN_PREFIXES = {
+    "": (),
+    "backbone": (BACKBONE_PREFIX,),
+    "backbone+encoder": (
+        BACKBONE_PREFIX,
+        "backbone.input_proj.",
+        "transformer.level_embed",
+        "transformer.encoder.",
+    ),
+}
+
+
+def freeze_parts(model, what):
+    """Stop the gradients of the parts of ``model`` that MODEL.DEFORMABLE_DETR.FREEZE names.
+
+    Args:
+        model (nn.Module): the DeformableDETR model.
+        what (str): "", "backbone" or "backbone+encoder".
+
+    Returns:
+        int: the number of parameters frozen.
+    """
+    if what not in _FROZEN_PREFIXES:
+        raise ValueError(
+            f"MODEL.DEFORMABLE_DETR.FREEZE must be one of {sorted(_FROZEN_PREFIXES)}; got {what!r}"
+        )
+    prefixes = _FROZEN_PREFIXES[what]
+    frozen = 0
+    for name, param in model.named_parameters():
+        if prefixes and name.startswith(prefixes):
+            param.requires_grad_(False)
+            frozen += param.numel()
+    if prefixes:
+        logger.info("MODEL.DEFORMABLE_DETR.FREEZE %r: %d parameters fixed", what, frozen)
+    return frozen
+
+
+def training_class_names(cfg):
+    """The class names of the training datasets (their ``thing_classes``), or None.
+
+    Returns:
+        list[str] or None
+    """
+    for name in cfg.DATASETS.TRAIN:
+        classes = MetadataCatalog.get(name).get("thing_classes", None)
+        if classes:
+            return list(classes)
+    return None
+
+
 def cpu_supports_bfloat16():
     """Whether this CPU has native bfloat16 arithmetic (oneDNN's bfloat16 kernels).
 
@@ -317,6 +372,9 @@ def check_run_config(cfg, *, training=True):
         cache_dir = cfg.DATALOADER.get("CACHE_DIR", "")
         if cfg.DATALOADER.get("CACHE_IMAGES", False) and cache_dir and not os.path.isdir(cache_dir):
             raise ValueError(f"DATALOADER.CACHE_DIR {cache_dir!r} is not a folder")
+        ema = cfg.SOLVER.get("EMA", None)
+        if ema is not None and ema.ENABLED and not 0.0 <= ema.DECAY < 1.0:
+            raise ValueError(f"SOLVER.EMA.DECAY must be in [0, 1); got {ema.DECAY}")
         build_deformable_detr_augmentation(cfg, is_train=True)
     elif not len(cfg.DATASETS.TEST):
         raise ValueError("DATASETS.TEST is empty: name the registered dataset(s) to evaluate on")
@@ -430,20 +488,66 @@ class Trainer(DefaultTrainer):
         """
         device = check_run_config(cfg, training=True)
         cfg = apply_batch_size_policy(cfg, comm.get_world_size())
+        self.ema = None
         with _cpu_training_parts(device):
             super().__init__(cfg)
 
+    @classmethod
+    def build_model(cls, cfg):
+        """The model, with the parts MODEL.DEFORMABLE_DETR.FREEZE names fixed."""
+        model = super().build_model(cfg)
+        freeze_parts(model, cfg.MODEL.DEFORMABLE_DETR.FREEZE)
+        return model
+
     def build_hooks(self):
+        model = self.checkpointer.model
+        class_names = training_class_names(self.cfg)
+        checkpointables = {"trainer": weakref.proxy(self)}
+        if self.cfg.SOLVER.EMA.ENABLED:
+            self.ema = ModelEMA(model, self.cfg.SOLVER.EMA.DECAY, self.cfg.SOLVER.EMA.WARMUP)
+            checkpointables["ema"] = self.ema
         # DefaultTrainer.__init__ creates its checkpointer just before the hooks, and the
         # checkpoint hook keeps the one it finds: the atomic one, so that a run killed at any
-        # moment resumes from a complete file.
+        # moment resumes from a complete file. It stores the class names with every checkpoint
+        # and lets MODEL.WEIGHTS (not a resumed run) have another class count.
         self.checkpointer = AtomicDetectionCheckpointer(
-            self.checkpointer.model, self.cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            model,
+            self.cfg.OUTPUT_DIR,
+            class_names=class_names,
+            fine_tune={
+                "class_names": class_names,
+                "transfer_by_name": self.cfg.MODEL.DEFORMABLE_DETR.TRANSFER_CLASSES_BY_NAME,
+            },
+            **checkpointables,
         )
         hooks = super().build_hooks()
+        if self.ema is not None:
+            # Before the checkpoint and evaluation hooks: both see this step's average.
+            first = next(
+                i for i, h in enumerate(hooks) if isinstance(h, (d2_hooks.PeriodicCheckpointer,))
+            )
+            hooks.insert(first, EMAHook(self.ema, model))
+            for hook in hooks:
+                if isinstance(hook, d2_hooks.EvalHook):
+                    hook._func = self._test_ema
         # Saves the sampler seed with every checkpoint and continues the data stream on resume.
         hooks.insert(0, DataPositionHook(self.cfg.SOLVER.IMS_PER_BATCH // comm.get_world_size()))
         return hooks
+
+    def _test_ema(self):
+        logger.info("Evaluating the moving average of the weights (SOLVER.EMA)")
+        self._last_eval_results = self.test(self.cfg, self.ema.module)
+        return self._last_eval_results
+
+    def resume_or_load(self, resume=True):
+        """Resume from OUTPUT_DIR's last checkpoint (strictly), or load MODEL.WEIGHTS, whose class
+        heads may then have another class count (see ``adapt_class_heads``); the moving average,
+        unless resumed, starts at the loaded weights."""
+        super().resume_or_load(resume=resume)
+        if self.ema is not None and not self.ema.restored:
+            if resume and self.checkpointer.has_checkpoint():
+                logger.warning("The checkpoint has no 'ema' entry: the moving average restarts")
+            self.ema.reset(self.checkpointer.model)
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):

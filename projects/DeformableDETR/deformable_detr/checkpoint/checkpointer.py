@@ -15,6 +15,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from .atomic import TEMP_MARKER, atomic_torch_save, atomic_write_text
 from .errors import CheckpointFileError
+from .finetune import adapt_class_heads, format_fine_tune_table
 from .integrity import CHECKSUM_SUFFIX, checkpoint_problem, legacy_load_problem, write_checksum
 
 __all__ = ["AtomicDetectionCheckpointer"]
@@ -52,10 +53,25 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
     * ``resume_or_load`` removes temporary files left by a killed run.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, class_names=None, fine_tune=None, **kwargs):
+        """
+        Args:
+            args, kwargs: as for ``DetectionCheckpointer``.
+            class_names (list[str] or None): names of the model's classes (the training
+                dataset's ``thing_classes``), saved with every checkpoint as ``"thing_classes"``
+                so that a later fine-tuning can transfer classes by name.
+            fine_tune (dict or None): when given, weights loaded by ``resume_or_load`` other than
+                a resumed checkpoint may have class heads of another class count (see
+                :func:`adapt_class_heads`); keys ``class_names`` (list[str] or None) and
+                ``transfer_by_name`` (bool). A resumed checkpoint always loads strictly.
+        """
         super().__init__(*args, **kwargs)
         # (path, size, mtime) -> problem: a resume looks at the same file up to three times.
         self._checked = {}
+        self.class_names = list(class_names) if class_names is not None else None
+        self._fine_tune = fine_tune
+        self._fine_tune_load = False
+        self._loading = ""
 
     def _is_local(self):
         return bool(self.save_dir) and os.path.isdir(self.save_dir)
@@ -102,11 +118,15 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             return
         if not self._is_local():
             # Remote storage (PathManager URLs) has its own semantics: keep Detectron2's writer.
+            if self.class_names is not None:
+                kwargs.setdefault("thing_classes", list(self.class_names))
             return super().save(name, **kwargs)
         self._check_finite(name, kwargs)
         data = {"model": self.model.state_dict()}
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
+        if self.class_names is not None:
+            data["thing_classes"] = list(self.class_names)
         data.update(kwargs)
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
@@ -178,6 +198,27 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
             return super().has_checkpoint()
         return bool(self.get_checkpoint_file())
 
+    def load(self, path, *args, **kwargs):
+        self._loading = path
+        try:
+            return super().load(path, *args, **kwargs)
+        finally:
+            self._loading = ""
+
+    def _load_model(self, checkpoint):
+        if self._fine_tune_load and not checkpoint.get("matching_heuristics", False):
+            state_dict, report = adapt_class_heads(
+                self.model,
+                checkpoint["model"],
+                checkpoint.get("thing_classes"),
+                self._fine_tune.get("class_names"),
+                self._fine_tune.get("transfer_by_name", True),
+            )
+            if report is not None:
+                checkpoint["model"] = state_dict
+                logger.info(format_fine_tune_table(report, self._loading))
+        return super()._load_model(checkpoint)
+
     def _load_file(self, filename):
         if os.path.isfile(filename):
             problem = self._problem(filename)
@@ -226,4 +267,12 @@ class AtomicDetectionCheckpointer(DetectionCheckpointer):
         """
         if resume:
             self._remove_stale_files()
-        return super().resume_or_load(path, resume=resume)
+            if self.has_checkpoint():
+                return super().resume_or_load(path, resume=True)
+        # Only new weights for a training run may change the class count; a resumed run and
+        # every inference path load strictly.
+        self._fine_tune_load = self._fine_tune is not None
+        try:
+            return super().resume_or_load(path, resume=False)
+        finally:
+            self._fine_tune_load = False

@@ -11,8 +11,9 @@ import torch
 from .errors import CheckpointConversionError, fail
 from .hf import convert_hf_state_dict
 from .integrity import checkpoint_problem
-from .official import convert_official_state_dict
+from .official import NUM_COCO_RAW_CLASSES, convert_official_state_dict
 from .resnet import convert_torchvision_state_dict
+from .variant import COCO_CATEGORY_IDS, COCO_CATEGORY_NAMES
 
 __all__ = [
     "convert_checkpoint",
@@ -145,8 +146,9 @@ def convert_checkpoint(kind, path, *, keep_all_classes=False, trust_pickle=False
 
     Returns:
         dict: a Detectron2 checkpoint ``{"model": state_dict, "__author__": ...,
-        "deformable_detr_variant": ..., "matching_heuristics": False}`` and its report under
-        ``"conversion_report"``.
+        "deformable_detr_variant": ..., "matching_heuristics": False}``, the names of the kept
+        classes under ``"thing_classes"`` when known (COCO heads, HF ``id2label``), and the report
+        under ``"conversion_report"``.
     """
     if kind not in _CONVERTERS:
         raise ValueError(f"kind must be one of {sorted(_CONVERTERS)}, got {kind!r}")
@@ -160,13 +162,41 @@ def convert_checkpoint(kind, path, *, keep_all_classes=False, trust_pickle=False
     variant = dict(report["variant"])
     variant["config_file"] = report["config_file"]
     variant["overrides"] = list(report["overrides"])
-    return {
+    checkpoint = {
         "model": model,
         "__author__": f"deformable_detr.checkpoint ({kind}: {os.path.basename(path.rstrip('/'))})",
         "deformable_detr_variant": variant,
         "matching_heuristics": False,
         "conversion_report": report,
     }
+    names = _class_names(kind, variant, options.get("hf_config"))
+    if names is not None:
+        # Fine-tuning transfers the rows of these classes to classes of the same name.
+        checkpoint["thing_classes"] = names
+        report["notes"].append(f"class names stored with the weights ({len(names)})")
+    return checkpoint
+
+
+def _class_names(kind, variant, hf_config):
+    """Names of the class rows the converted heads keep, or None when the file has none.
+
+    COCO heads (91 raw rows) are named by COCO category; with ``keep_all_classes`` the rows of
+    unused ids get the name "". Other HF heads are named by ``id2label``.
+    """
+    if kind == "torchvision":
+        return None
+    num_classes = variant.get("num_classes")
+    in_file = variant.get("num_classes_in_file")
+    if in_file == NUM_COCO_RAW_CLASSES:
+        if num_classes == len(COCO_CATEGORY_NAMES):
+            return list(COCO_CATEGORY_NAMES)
+        by_id = dict(zip(COCO_CATEGORY_IDS, COCO_CATEGORY_NAMES))
+        return [by_id.get(i, "") for i in range(num_classes)]
+    labels = (hf_config or {}).get("id2label") if kind == "hf" else None
+    if not labels:
+        return None
+    labels = {int(k): str(v) for k, v in labels.items()}
+    return [labels.get(i, "") for i in range(num_classes)]
 
 
 def save_converted_checkpoint(checkpoint, path):

@@ -17,6 +17,14 @@ logger = logging.getLogger(__name__)
 # Keys that carry no weights: frozen batch norm has no counter, so a stray one is harmless.
 _IGNORED_SUFFIXES = ("num_batches_tracked",)
 _MAX_LISTED = 8
+# Inference with class heads that were never trained is never wanted, so only training may change
+# the class count.
+_FINE_TUNE_HINT = (
+    "Inference, evaluation and export need MODEL.DEFORMABLE_DETR.NUM_CLASSES equal to the "
+    "checkpoint's class count; to fine-tune these weights on another set of classes, train with "
+    "train_net.py (without --eval-only) and MODEL.WEIGHTS set to this file: the class heads then "
+    "start fresh, or from the checkpoint's class of the same name"
+)
 
 
 def is_detector_checkpoint(state_dict):
@@ -70,13 +78,13 @@ def _diagnose(missing, unexpected, model_shapes, ckpt_shapes):
         hints.append(
             f"the checkpoint has {ckpt_shapes[cls][0]} classes and the model "
             f"{model_shapes[cls][0]} (MODEL.DEFORMABLE_DETR.NUM_CLASSES; official COCO files have "
-            "91 rows: convert them with tools/convert_checkpoint.py)"
+            f"91 rows: convert them with tools/convert_checkpoint.py). {_FINE_TUNE_HINT}"
         )
     elif cls in m_set and not (ckpt_shapes.keys() & {"class_embed.1.weight"}):
         hints.append(
             f"no class head of {model_shapes[cls][0]} classes in the checkpoint: either a different "
             "number of classes (MODEL.DEFORMABLE_DETR.NUM_CLASSES; Detectron2's checkpointer drops "
-            "keys whose shape differs) or a file that was not converted"
+            f"keys whose shape differs) or a file that was not converted. {_FINE_TUNE_HINT}"
         )
     if any_with(u_set, "query_embed") or any_with(m_set, "query_embed"):
         q = "query_embed.weight"

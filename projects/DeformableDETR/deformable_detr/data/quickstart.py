@@ -22,14 +22,22 @@ first read (``DatasetCatalog.get``) or :func:`ensure_quickstart_dataset` is call
 is deterministic (every picture has its own seed), happens in a temporary folder that is renamed
 into place when complete, and is redone when the manifest is missing, incomplete or written by an
 older generator.
+
+A second dataset, :data:`SHAPES_FINETUNE` (``shapes_finetune_train`` / ``shapes_finetune_val``
+under ``$DEFORMABLE_DETR_DATASETS/shapes_finetune``), has another class set (circle, triangle and
+star of the quickstart plus hexagon and diamond) on other backgrounds (tiles instead of
+gradients): the data of the fine-tuning example, a model trained on the quickstart being the
+pretrained one.
 """
 
+import functools
 import json
 import logging
 import math
 import os
 import shutil
 import tempfile
+from collections import namedtuple
 
 import cv2
 import numpy as np
@@ -37,7 +45,11 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.data.datasets import load_coco_json
 
 __all__ = [
+    "QUICKSTART",
     "QUICKSTART_CLASSES",
+    "SHAPES_FINETUNE",
+    "ShapesDataset",
+    "register_shapes_datasets",
     "QUICKSTART_COLORS",
     "default_quickstart_root",
     "generate_quickstart_dataset",
@@ -48,7 +60,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# Bump whenever the pictures or annotations change, so that cached copies are regenerated.
+# Bump whenever the quickstart pictures or annotations change, so that cached copies are
+# regenerated.
 GENERATOR_VERSION = 4
 
 QUICKSTART_CLASSES = ["circle", "square", "triangle", "star", "ring", "cross"]
@@ -60,6 +73,21 @@ QUICKSTART_COLORS = [
     (145, 30, 180),
     (0, 200, 200),
 ]
+
+ShapesDataset = namedtuple("ShapesDataset", "name classes colors background version")
+ShapesDataset.__doc__ = """A synthetic shapes dataset: its name (the prefix of the registered
+names and the cache folder), class names, drawing colours, background style ("clutter" or
+"tiles") and generator version (bumped whenever its pictures change; None: GENERATOR_VERSION)."""
+
+# The quickstart's version is GENERATOR_VERSION itself (None), read when a dataset is checked.
+QUICKSTART = ShapesDataset("quickstart", QUICKSTART_CLASSES, QUICKSTART_COLORS, "clutter", None)
+SHAPES_FINETUNE = ShapesDataset(
+    "shapes_finetune",
+    ["circle", "triangle", "star", "hexagon", "diamond"],
+    [(220, 20, 60), (60, 180, 75), (255, 165, 0), (240, 50, 230), (128, 128, 0)],
+    "tiles",
+    1,
+)
 
 DEFAULT_NUM_TRAIN = 500
 DEFAULT_NUM_VAL = 80
@@ -87,14 +115,21 @@ _MIN_CONTRAST = 0.9
 _SHIFT = 4
 
 
-def default_quickstart_root():
+def _version(dataset):
+    return GENERATOR_VERSION if dataset.version is None else dataset.version
+
+
+def default_quickstart_root(dataset=QUICKSTART):
     """
+    Args:
+        dataset (ShapesDataset): which dataset.
+
     Returns:
-        str: where the quickstart dataset is cached by default: ``$DEFORMABLE_DETR_DATASETS/
-        quickstart``, or ``datasets/quickstart`` under the current working directory.
+        str: where the dataset is cached by default: ``$DEFORMABLE_DETR_DATASETS/<name>``, or
+        ``datasets/<name>`` under the current working directory.
     """
     base = os.environ.get("DEFORMABLE_DETR_DATASETS", "datasets")
-    return os.path.abspath(os.path.join(base, "quickstart"))
+    return os.path.abspath(os.path.join(base, dataset.name))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +185,24 @@ def _background(rng, height, width):
     return img
 
 
+def _tiles_background(rng, height, width):
+    """Rectangular tiles of random colours with grout lines, plus a faint grain."""
+    tile = rng.uniform(18, 60)
+    rows, cols = int(math.ceil(height / tile)) + 1, int(math.ceil(width / tile)) + 1
+    palette = np.stack([_random_color(rng) for _ in range(int(rng.integers(2, 5)))])
+    grid = palette[rng.integers(0, len(palette), size=(rows, cols))].astype(np.float32)
+    offset = rng.uniform(0, tile, size=2)
+    ys = ((np.arange(height) + offset[0]) // tile).astype(int)
+    xs = ((np.arange(width) + offset[1]) // tile).astype(int)
+    img = grid[ys][:, xs].copy()
+    grout = _random_color(rng, 0.05).astype(np.float32)
+    line = max(1, int(round(tile / 12)))
+    img[((np.arange(height) + offset[0]) % tile) < line] = grout
+    img[:, ((np.arange(width) + offset[1]) % tile) < line] = grout
+    img += rng.normal(0, 0.03, size=img.shape).astype(np.float32)
+    return np.clip(img, 0, 1).astype(np.float32)
+
+
 def _fixed(points):
     """Convert float pixel coordinates to cv2's fixed-point integers (``_SHIFT`` fraction bits)."""
     arr = np.round(np.asarray(points, dtype=np.float64) * (1 << _SHIFT)).astype(np.int32)
@@ -170,6 +223,11 @@ def _outline(category, rng):
         return [outer, outer * rng.uniform(0.45, 0.7)]
     if category == "square":
         return [np.array([[-1, -1], [1, -1], [1, 1], [-1, 1]], dtype=np.float64)]
+    if category == "hexagon":
+        t = np.arange(6) * math.pi / 3
+        return [np.stack([np.cos(t), np.sin(t)], axis=1)]
+    if category == "diamond":
+        return [np.array([[0, -1], [1, 0], [0, 1], [-1, 0]], dtype=np.float64)]
     if category == "triangle":
         # Apex anywhere along the top edge: isosceles, right-angled and scalene triangles.
         apex = rng.uniform(-1, 1)
@@ -249,31 +307,36 @@ def _object_size(rng):
     return math.exp(rng.uniform(math.log(lo), math.log(hi)))
 
 
-def render_quickstart_image(seed_sequence):
+def render_quickstart_image(seed_sequence, dataset=QUICKSTART):
     """
     Render one picture and its objects.
 
     Args:
         seed_sequence (np.random.SeedSequence): the picture's own seed; the same seed gives the
             same picture and annotations.
+        dataset (ShapesDataset): the classes and background style to draw.
 
     Returns:
         tuple[ndarray, list[dict]]: the picture as (H, W, 3) uint8 RGB, and per visible object a
-        dict with ``category_id`` (1..6), ``bbox`` (XYWH, absolute pixels) and ``area`` (visible
-        pixels).
+        dict with ``category_id`` (1..number of classes), ``bbox`` (XYWH, absolute pixels) and
+        ``area`` (visible pixels).
     """
+    classes = dataset.classes
     rng = np.random.Generator(np.random.PCG64(seed_sequence))
     width = int(rng.choice(_IMAGE_SIDES))
     height = int(rng.choice(_IMAGE_SIDES))
-    img = _background(rng, height, width)
+    if dataset.background == "tiles":
+        img = _tiles_background(rng, height, width)
+    else:
+        img = _background(rng, height, width)
 
     num_objects = int(rng.choice(_NUM_OBJECTS, p=_NUM_OBJECTS_P))
     categories, visible = [], []
     for _ in range(num_objects):
-        category = int(rng.integers(0, len(QUICKSTART_CLASSES)))
+        category = int(rng.integers(0, len(classes)))
         size = _object_size(rng)
         for _attempt in range(20):
-            alpha = _shape_alpha(rng, QUICKSTART_CLASSES[category], height, width, size)
+            alpha = _shape_alpha(rng, classes[category], height, width, size)
             # Occlusion is fine, but every object must stay recognisable.
             if all(
                 (v * (1 - alpha)).sum() >= _MIN_VISIBLE_FRACTION * v0 for v, v0 in visible
@@ -333,19 +396,19 @@ def _split_seed(seed, split):
     return [int(seed), _SPLITS.index(split)]
 
 
-def _write_split(out_dir, split, num_images, seed):
+def _write_split(out_dir, split, num_images, seed, dataset=QUICKSTART):
     image_dir = os.path.join(out_dir, split)
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     for index in range(num_images):
         # One seed per picture: the first pictures do not depend on how many are generated.
         img, objects = render_quickstart_image(
-            np.random.SeedSequence(_split_seed(seed, split) + [index])
+            np.random.SeedSequence(_split_seed(seed, split) + [index]), dataset
         )
         file_name = f"{index:06d}.jpg"
         ok, buf = cv2.imencode(".jpg", img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, _JPEG_QUALITY])
         if not ok:
-            raise RuntimeError(f"could not encode quickstart image {split}/{file_name}")
+            raise RuntimeError(f"could not encode {dataset.name} image {split}/{file_name}")
         with open(os.path.join(image_dir, file_name), "wb") as f:
             f.write(buf.tobytes())
         images.append(
@@ -357,15 +420,15 @@ def _write_split(out_dir, split, num_images, seed):
             )
     coco = {
         "info": {
-            "description": f"Deformable DETR quickstart shapes, {split} split",
-            "version": str(GENERATOR_VERSION),
+            "description": f"Deformable DETR {dataset.name} shapes, {split} split",
+            "version": str(_version(dataset)),
         },
         "licenses": [],
         "images": images,
         "annotations": annotations,
         "categories": [
             {"id": i + 1, "name": name, "supercategory": "shape"}
-            for i, name in enumerate(QUICKSTART_CLASSES)
+            for i, name in enumerate(dataset.classes)
         ],
     }
     os.makedirs(os.path.join(out_dir, "annotations"), exist_ok=True)
@@ -375,7 +438,11 @@ def _write_split(out_dir, split, num_images, seed):
 
 
 def generate_quickstart_dataset(
-    output_dir, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL, seed=DEFAULT_SEED
+    output_dir,
+    num_train=DEFAULT_NUM_TRAIN,
+    num_val=DEFAULT_NUM_VAL,
+    seed=DEFAULT_SEED,
+    dataset=QUICKSTART,
 ):
     """
     Write the dataset into ``output_dir`` (created if needed), manifest last. Not atomic: use
@@ -386,6 +453,7 @@ def generate_quickstart_dataset(
         num_train (int): pictures in the train split.
         num_val (int): pictures in the val split.
         seed (int): base seed; the same arguments always give the same bytes.
+        dataset (ShapesDataset): which dataset.
 
     Returns:
         dict: the manifest that was written.
@@ -395,27 +463,30 @@ def generate_quickstart_dataset(
             raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
     os.makedirs(output_dir, exist_ok=True)
     counts = {"train": num_train, "val": num_val}
+    write = _write_split
+    if dataset is not QUICKSTART:
+        write = functools.partial(_write_split, dataset=dataset)
     manifest = {
-        "generator_version": GENERATOR_VERSION,
+        "generator_version": _version(dataset),
         "seed": int(seed),
-        "classes": list(QUICKSTART_CLASSES),
-        "splits": {s: _write_split(output_dir, s, int(counts[s]), seed) for s in _SPLITS},
+        "classes": list(dataset.classes),
+        "splits": {s: write(output_dir, s, int(counts[s]), seed) for s in _SPLITS},
     }
     with open(os.path.join(output_dir, _MANIFEST), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True)
     return manifest
 
 
-def _is_complete(root, num_train, num_val, seed):
+def _is_complete(root, num_train, num_val, seed, dataset=QUICKSTART):
     try:
         with open(os.path.join(root, _MANIFEST)) as f:
             manifest = json.load(f)
     except (OSError, ValueError):
         return False
     if (
-        manifest.get("generator_version") != GENERATOR_VERSION
+        manifest.get("generator_version") != _version(dataset)
         or manifest.get("seed") != seed
-        or manifest.get("classes") != QUICKSTART_CLASSES
+        or manifest.get("classes") != list(dataset.classes)
     ):
         return False
     counts = {"train": num_train, "val": num_val}
@@ -432,7 +503,11 @@ def _is_complete(root, num_train, num_val, seed):
 
 
 def ensure_quickstart_dataset(
-    root=None, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL, seed=DEFAULT_SEED
+    root=None,
+    num_train=DEFAULT_NUM_TRAIN,
+    num_val=DEFAULT_NUM_VAL,
+    seed=DEFAULT_SEED,
+    dataset=QUICKSTART,
 ):
     """
     Make sure a complete, current copy of the dataset is at ``root``; generate it otherwise.
@@ -443,13 +518,13 @@ def ensure_quickstart_dataset(
 
     Args:
         root (str or None): dataset folder; None means :func:`default_quickstart_root`.
-        num_train, num_val, seed: as in :func:`generate_quickstart_dataset`.
+        num_train, num_val, seed, dataset: as in :func:`generate_quickstart_dataset`.
 
     Returns:
         str: the absolute dataset folder.
     """
-    root = os.path.abspath(root or default_quickstart_root())
-    if _is_complete(root, num_train, num_val, seed):
+    root = os.path.abspath(root or default_quickstart_root(dataset))
+    if _is_complete(root, num_train, num_val, seed, dataset):
         return root
     parent = os.path.dirname(root)
     try:
@@ -457,14 +532,14 @@ def ensure_quickstart_dataset(
     except OSError as e:
         raise OSError(f"cannot create the quickstart dataset folder {parent!r}: {e}") from e
 
-    logger.info(f"Generating the quickstart dataset in {root} ...")
-    tmp = tempfile.mkdtemp(prefix=".quickstart-tmp-", dir=parent)
+    logger.info(f"Generating the {dataset.name} dataset in {root} ...")
+    tmp = tempfile.mkdtemp(prefix=f".{dataset.name}-tmp-", dir=parent)
     try:
-        generate_quickstart_dataset(tmp, num_train=num_train, num_val=num_val, seed=seed)
+        generate_quickstart_dataset(tmp, num_train, num_val, seed, dataset)
         stale = []
         try:
             for _attempt in range(3):
-                if _is_complete(root, num_train, num_val, seed):
+                if _is_complete(root, num_train, num_val, seed, dataset):
                     # Another process finished first.
                     break
                 if os.path.lexists(root):
@@ -487,9 +562,9 @@ def ensure_quickstart_dataset(
                 shutil.rmtree(folder, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    if not _is_complete(root, num_train, num_val, seed):
-        raise RuntimeError(f"the quickstart dataset in {root!r} is incomplete after generation")
-    logger.info(f"Quickstart dataset ready in {root}")
+    if not _is_complete(root, num_train, num_val, seed, dataset):
+        raise RuntimeError(f"the {dataset.name} dataset in {root!r} is incomplete after generation")
+    logger.info(f"{dataset.name} dataset ready in {root}")
     return root
 
 
@@ -498,43 +573,57 @@ def ensure_quickstart_dataset(
 # ---------------------------------------------------------------------------------------------
 
 
-def _load_split(root, split, num_train, num_val, seed):
-    ensure_quickstart_dataset(root, num_train=num_train, num_val=num_val, seed=seed)
+def _load_split(root, split, num_train, num_val, seed, dataset):
+    ensure_quickstart_dataset(root, num_train, num_val, seed, dataset)
     return load_coco_json(
         os.path.join(root, "annotations", f"{split}.json"),
         os.path.join(root, split),
-        f"quickstart_{split}",
+        f"{dataset.name}_{split}",
     )
+
+
+def register_shapes_datasets(
+    dataset, root=None, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL, seed=DEFAULT_SEED
+):
+    """
+    Register ``<name>_train`` and ``<name>_val`` of a shapes dataset in Detectron2's catalogs.
+    Cheap: the pictures are generated when either dataset is first read. Calling it again
+    replaces the earlier registration (for example to point at another root).
+
+    Args:
+        dataset (ShapesDataset): :data:`QUICKSTART` or :data:`SHAPES_FINETUNE`.
+        root (str or None): dataset folder; None means :func:`default_quickstart_root`.
+        num_train, num_val, seed: as in :func:`generate_quickstart_dataset`.
+    """
+    root = os.path.abspath(root or default_quickstart_root(dataset))
+    for split in _SPLITS:
+        name = f"{dataset.name}_{split}"
+        if name in DatasetCatalog.list():
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
+        DatasetCatalog.register(
+            name,
+            lambda split=split: _load_split(root, split, num_train, num_val, seed, dataset),
+        )
+        MetadataCatalog.get(name).set(
+            thing_classes=list(dataset.classes),
+            thing_colors=[list(c) for c in dataset.colors],
+            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(dataset.classes))},
+            evaluator_type="coco",
+            json_file=os.path.join(root, "annotations", f"{split}.json"),
+            image_root=os.path.join(root, split),
+            dataset_root=root,
+        )
 
 
 def register_quickstart_datasets(
     root=None, num_train=DEFAULT_NUM_TRAIN, num_val=DEFAULT_NUM_VAL, seed=DEFAULT_SEED
 ):
     """
-    Register ``quickstart_train`` and ``quickstart_val`` in Detectron2's catalogs. Cheap: the
-    pictures are generated when either dataset is first read. Calling it again replaces the
-    earlier registration (for example to point at another root).
+    Register ``quickstart_train`` and ``quickstart_val`` (see :func:`register_shapes_datasets`).
 
     Args:
         root (str or None): dataset folder; None means :func:`default_quickstart_root`.
         num_train, num_val, seed: as in :func:`generate_quickstart_dataset`.
     """
-    root = os.path.abspath(root or default_quickstart_root())
-    for split in _SPLITS:
-        name = f"quickstart_{split}"
-        if name in DatasetCatalog.list():
-            DatasetCatalog.remove(name)
-            MetadataCatalog.remove(name)
-        DatasetCatalog.register(
-            name,
-            lambda split=split: _load_split(root, split, num_train, num_val, seed),
-        )
-        MetadataCatalog.get(name).set(
-            thing_classes=list(QUICKSTART_CLASSES),
-            thing_colors=[list(c) for c in QUICKSTART_COLORS],
-            thing_dataset_id_to_contiguous_id={i + 1: i for i in range(len(QUICKSTART_CLASSES))},
-            evaluator_type="coco",
-            json_file=os.path.join(root, "annotations", f"{split}.json"),
-            image_root=os.path.join(root, split),
-            dataset_root=root,
-        )
+    register_shapes_datasets(QUICKSTART, root, num_train, num_val, seed)
