@@ -143,6 +143,11 @@ def add_deformable_detr_config(cfg):
     cfg.SOLVER.CLIP_GRADIENTS.CLIP_VALUE = 0.1
     cfg.SOLVER.CLIP_GRADIENTS.NORM_TYPE = 2.0
 
+    # Precision of the network at inference (training's is SOLVER.AMP): "float32", "bfloat16"
+    # (GPUs, and CPUs with AMX or AVX512-BF16; elsewhere float32 with a warning) or "float16"
+    # (GPUs only). Boxes and scores come out in float32 whatever the precision.
+    cfg.TEST.PRECISION = "float32"
+
     from .modeling.timm_backbone import add_timm_backbone_config  # here: modeling imports config
 
     add_timm_backbone_config(cfg)
@@ -202,7 +207,15 @@ def check_deformable_detr_config(cfg):
         raise ValueError(
             f"TEST.DETECTIONS_PER_IMAGE = {cfg.TEST.DETECTIONS_PER_IMAGE}: must be >= 1"
         )
-    check_device(cfg.MODEL.DEVICE)
+    device = check_device(cfg.MODEL.DEVICE)
+    precisions = ("float32", "bfloat16", "float16")
+    if cfg.TEST.PRECISION not in precisions:
+        raise ValueError(f"TEST.PRECISION = {cfg.TEST.PRECISION!r}: must be one of {precisions}")
+    if cfg.TEST.PRECISION == "float16" and device.type == "cpu":
+        raise ValueError(
+            "TEST.PRECISION = 'float16' is not supported on the CPU (MODEL.DEVICE cpu): use "
+            "'bfloat16' or 'float32'"
+        )
     if len(cfg.MODEL.PIXEL_MEAN) != len(cfg.MODEL.PIXEL_STD):
         raise ValueError(
             f"MODEL.PIXEL_MEAN {list(cfg.MODEL.PIXEL_MEAN)} and MODEL.PIXEL_STD "

@@ -1,7 +1,7 @@
 """Whole-model inference benchmark: this project's Deformable DETR against HF transformers.
 
 Run ``python -m deformable_detr.benchmark.model [--variants r50 ...] [--batch 1 4] [--repeat 5]
-[--threads 2] [--check] [--memory]``.
+[--threads 2] [--precision float32 bfloat16] [--check] [--memory] [--backbone]``.
 
 For every variant the project's model (built from its YAML) and HF transformers'
 ``DeformableDetrForObjectDetection`` with the same architecture (random weights, timm ResNet-50
@@ -10,7 +10,13 @@ image(s), both in eval mode under ``torch.inference_mode``. Each timed call cove
 pays for one batch: normalisation, the network and the top-100 post-processing (Detectron2's
 ``detector_postprocess`` here, ``post_process_object_detection`` for HF). After one warm-up call
 each, the two models run alternately for ``--repeat`` rounds, so a noisy shared machine slows both
-alike; the table gives the median seconds per image and the ratio of the medians.
+alike; the table gives the median seconds per image and the ratio of the medians. With several
+``--precision`` values (TEST.PRECISION), one model of the project per precision takes part in the
+same rounds, each compared with HF in float32.
+
+``--backbone`` times the project's backbone body alone (as the model runs it at inference) against
+torchvision's ResNet-50 in its fastest eager form (eval, channels-last, inference mode, autocast
+in 16-bit), side by side.
 
 ``--memory`` measures the peak resident set size (``VmHWM``) of a fresh subprocess per model
 that imports the same packages, builds the model, makes the inputs and runs one inference; it also
@@ -48,12 +54,13 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
 
 
-def build_ours(variant, opts=()):
+def build_ours(variant, opts=(), precision="float32"):
     """The project's model of ``variant`` in eval mode, random weights.
 
     Args:
         variant (str): a key of :data:`VARIANTS`.
         opts (list[str]): extra config overrides.
+        precision (str): TEST.PRECISION.
 
     Returns:
         nn.Module
@@ -64,7 +71,7 @@ def build_ours(variant, opts=()):
 
     cfg = load_config(
         os.path.join(CONFIG_DIR, VARIANTS[variant][0]),
-        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", ""] + list(opts),
+        ["MODEL.DEVICE", "cpu", "MODEL.WEIGHTS", "", "TEST.PRECISION", precision] + list(opts),
         freeze=False,
     )
     torch.manual_seed(0)
@@ -138,31 +145,79 @@ def _time(fn):
     return time.perf_counter() - start
 
 
-def measure_speed(variant, batch, repeat):
-    """Median seconds per image of both models, measured alternately in this process.
+def measure_speed(variant, batch, repeat, precisions=("float32",)):
+    """Median seconds per image of the models, measured alternately in this process.
+
+    Args:
+        precisions (list[str]): TEST.PRECISION of each of the project's models.
 
     Returns:
-        dict: "ours" and "hf" medians (s/image), their ratio and every round's times.
+        dict: per precision, "ours" and "hf" medians (s/image), their ratio and every round's
+        times, with the same HF float32 rounds in every entry.
     """
-    ours, hf = build_ours(variant), build_hf(variant)
+    calls = {}
     images = make_images(batch)
-    calls = {"ours": lambda: run_ours(ours, images), "hf": lambda: run_hf(hf, images)}
-    times = {"ours": [], "hf": []}
+    for precision in precisions:
+        model = build_ours(variant, precision=precision)
+        calls[precision] = functools.partial(run_ours, model, images)
+    hf = build_hf(variant)
+    calls["hf"] = lambda: run_hf(hf, images)
+    times = {name: [] for name in calls}
     with torch.inference_mode():
         for fn in calls.values():
             fn()
         for r in range(repeat):
-            # Alternate which one goes first so that a drift in the machine's load hits both.
-            order = ("ours", "hf") if r % 2 == 0 else ("hf", "ours")
+            # Alternate the order so that a drift in the machine's load hits every model alike.
+            order = list(calls) if r % 2 == 0 else list(calls)[::-1]
             for name in order:
                 times[name].append(_time(calls[name]) / batch)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {
-        "ours": med["ours"],
-        "hf": med["hf"],
-        "speedup": med["hf"] / med["ours"],
-        "times": times,
+        p: {
+            "ours": med[p],
+            "hf": med["hf"],
+            "speedup": med["hf"] / med[p],
+            "times": {"ours": times[p], "hf": times["hf"]},
+        }
+        for p in precisions
     }
+
+
+def measure_backbone(variant, repeat, precision="float32"):
+    """Median seconds of the project's backbone body at inference and of torchvision's
+    ResNet-50 in its fastest eager form, on one 800x1216 image, alternately.
+
+    Returns:
+        dict: "ours" and "torchvision" medians (s).
+    """
+    import torchvision
+
+    model = build_ours(variant, precision=precision)
+    tv = torchvision.models.resnet50().eval().to(memory_format=torch.channels_last)
+    image = make_images(1)[0]
+    x = model.normalize(image)[None].contiguous(memory_format=torch.channels_last)
+    dtype = {"float32": None, "bfloat16": torch.bfloat16}[precision]
+
+    def autocast():
+        return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+    def ours():
+        with autocast():
+            model.backbone.features(x)
+
+    def torchvision_resnet():
+        with autocast():
+            tv(x)
+
+    calls = {"ours": ours, "torchvision": torchvision_resnet}
+    times = {name: [] for name in calls}
+    with torch.inference_mode():
+        for fn in calls.values():
+            fn()
+        for r in range(repeat):
+            for name in list(calls) if r % 2 == 0 else list(calls)[::-1]:
+                times[name].append(_time(calls[name]))
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def _status_mib(field):
@@ -179,14 +234,14 @@ def _rss_mib():
     return _status_mib("VmRSS")
 
 
-def _memory_child(impl, variant, batch, threads):
+def _memory_child(impl, variant, batch, threads, precision="float32"):
     torch.set_num_threads(threads)
     # Both children import the same packages, so the peaks differ only by the model.
     import transformers.models.deformable_detr.modeling_deformable_detr  # noqa: F401
 
     import deformable_detr  # noqa: F401
 
-    model = build_ours(variant) if impl == "ours" else build_hf(variant)
+    model = build_ours(variant, precision=precision) if impl == "ours" else build_hf(variant)
     images = make_images(batch)
     before = _rss_mib()
     with torch.inference_mode():
@@ -195,14 +250,15 @@ def _memory_child(impl, variant, batch, threads):
     print(json.dumps({"peak_mib": peak, "extra_mib": max(0.0, peak - before)}))
 
 
-def measure_memory(impl, variant, batch, threads):
-    """Peak RSS of a fresh process running one inference of ``impl`` ("ours" or "hf").
+def measure_memory(impl, variant, batch, threads, precision="float32"):
+    """Peak RSS of a fresh process running one inference of ``impl`` ("ours" or "hf") in
+    ``precision`` (the project's model only).
 
     Returns:
         dict: "peak_mib" (whole process) and "extra_mib" (above the level before the inference).
     """
     cmd = [sys.executable, "-m", "deformable_detr.benchmark.model", "--_memory-child"]
-    cmd += [impl, variant, str(batch), str(threads)]
+    cmd += [impl, variant, str(batch), str(threads), precision]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -256,7 +312,7 @@ def check_detections(variant, height=HEIGHT, width=WIDTH):
     }
 
 
-def profile_ours(variant, batch):
+def profile_ours(variant, batch, precision="float32"):
     """Where the project's model spends its time: one inference under ``torch.profiler``, with
     ranges opened around the parts of the model by forward hooks (nothing in the model changes).
 
@@ -267,7 +323,7 @@ def profile_ours(variant, batch):
 
     from deformable_detr.layers import ms_deform_attn as attn_module
 
-    model = build_ours(variant)
+    model = build_ours(variant, precision=precision)
     images = make_images(batch)
     transformer = model.transformer
     open_ranges = []
@@ -354,20 +410,33 @@ def main(argv=None):
     parser.add_argument("--batch", nargs="+", type=int, default=[1])
     parser.add_argument("--repeat", type=int, default=5, help="alternating timed rounds")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        default=["float32"],
+        choices=["float32", "bfloat16", "float16"],
+        help="TEST.PRECISION of the project's model (HF runs in float32)",
+    )
     parser.add_argument("--memory", action="store_true", help="peak RSS, one subprocess each")
+    parser.add_argument(
+        "--backbone", action="store_true", help="time the backbone body against torchvision's"
+    )
     parser.add_argument("--check", action="store_true", help="compare detections on HF weights")
     parser.add_argument("--profile", action="store_true", help="profile the project's model")
-    parser.add_argument("--_memory-child", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--_memory-child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args._memory_child:
-        impl, variant, batch, threads = args._memory_child
-        _memory_child(impl, variant, int(batch), int(threads))
+        impl, variant, batch, threads, precision = args._memory_child
+        _memory_child(impl, variant, int(batch), int(threads), precision)
         return
     torch.set_num_threads(args.threads)
     if args.profile:
         for variant in args.variants:
-            rows, prof = profile_ours(variant, args.batch[0])
-            print(f"profile of {variant}, batch {args.batch[0]}, {args.threads} threads (ms)")
+            rows, prof = profile_ours(variant, args.batch[0], args.precision[0])
+            print(
+                f"profile of {variant}, batch {args.batch[0]}, {args.precision[0]}, "
+                f"{args.threads} threads (ms)"
+            )
             print("| part | ms | share |")
             print("|---|---|---|")
             for name, value in rows:
@@ -376,24 +445,49 @@ def main(argv=None):
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
         return
 
+    if args.backbone:
+        print(
+            f"backbone body alone, one {HEIGHT}x{WIDTH} image, {args.threads} threads, median of "
+            f"{args.repeat} alternating rounds (s)"
+        )
+        print("| variant | precision | ours | torchvision ResNet-50 | ours / torchvision |")
+        print("|---|---|---|---|---|")
+        for variant in args.variants:
+            for precision in args.precision:
+                r = measure_backbone(variant, args.repeat, precision)
+                ratio = r["ours"] / r["torchvision"]
+                print(
+                    f"| {variant} | {precision} | {r['ours']:.3f} | {r['torchvision']:.3f} | "
+                    f"{ratio:.2f} |",
+                    flush=True,
+                )
+        return
+
     print(
         f"CPU inference, {HEIGHT}x{WIDTH} images, {args.threads} threads, median of "
-        f"{args.repeat} alternating rounds after one warm-up; torch {torch.__version__}"
+        f"{args.repeat} alternating rounds after one warm-up; torch {torch.__version__}; "
+        "HF always in float32"
     )
-    header = "| variant | batch | ours s/img | HF s/img | speedup |"
+    header = "| variant | batch | precision | ours s/img | HF s/img | speedup |"
     if args.memory:
         header += " ours peak / extra MiB | HF peak / extra MiB |"
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for variant in args.variants:
         for batch in args.batch:
-            r = measure_speed(variant, batch, args.repeat)
-            row = f"| {variant} | {batch} | {r['ours']:.3f} | {r['hf']:.3f} | {r['speedup']:.2f}x |"
-            if args.memory:
-                for impl in ("ours", "hf"):
-                    m = measure_memory(impl, variant, batch, args.threads)
-                    row += f" {m['peak_mib']:.0f} / {m['extra_mib']:.0f} |"
-            print(row, flush=True)
+            results = measure_speed(variant, batch, args.repeat, args.precision)
+            hf_memory = None
+            for precision, r in results.items():
+                row = (
+                    f"| {variant} | {batch} | {precision} | {r['ours']:.3f} | {r['hf']:.3f} | "
+                    f"{r['speedup']:.2f}x |"
+                )
+                if args.memory:
+                    m = measure_memory("ours", variant, batch, args.threads, precision)
+                    hf_memory = hf_memory or measure_memory("hf", variant, batch, args.threads)
+                    for m in (m, hf_memory):
+                        row += f" {m['peak_mib']:.0f} / {m['extra_mib']:.0f} |"
+                print(row, flush=True)
     if args.check:
         for variant in args.variants:
             print(f"check {variant}: {json.dumps(check_detections(variant))}", flush=True)

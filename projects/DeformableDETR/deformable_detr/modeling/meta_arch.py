@@ -4,9 +4,11 @@
 and the deformable transformer, applies the class and box heads to every decoder layer, and then
 either returns the weighted set-prediction losses (training) or the top-scoring detections of
 every image (inference). ``predict`` is the tensor-level part after the backbone adapter, which
-the export wrapper calls too.
+the export wrapper calls too. At inference the network runs in the precision of TEST.PRECISION
+(under autocast), while the post-processing and the returned detections stay in float32.
 """
 
+import contextlib
 import logging
 import math
 
@@ -27,7 +29,10 @@ from .heads import build_prediction_heads, select_detections
 from .position_encoding import PositionEmbeddingSine
 from .transformer import DeformableTransformer
 
-__all__ = ["DeformableDETR"]
+__all__ = ["DeformableDETR", "PRECISIONS"]
+
+# TEST.PRECISION values, with the dtype the network then runs in (None: no autocast).
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _source(inputs):
@@ -42,6 +47,17 @@ def _where():
         return f"iteration {get_event_storage().iter}"
     except AssertionError:  # no EventStorage outside a trainer
         return "a forward pass outside training"
+
+
+def _has_native(device_type, dtype):
+    """Whether ``device_type`` computes in ``dtype`` natively (float16 is asked of GPUs only)."""
+    if device_type == "cuda" and dtype == torch.bfloat16:
+        return torch.cuda.is_bf16_supported()
+    if device_type == "cpu":
+        from ..engine import cpu_supports_bfloat16  # here: the engine imports the model
+
+        return cpu_supports_bfloat16()
+    return True
 
 
 @META_ARCH_REGISTRY.register()
@@ -75,6 +91,7 @@ class DeformableDETR(nn.Module):
         pixel_std,
         aux_loss=True,
         detections_per_image=100,
+        precision="float32",
     ):
         """
         Args:
@@ -90,6 +107,9 @@ class DeformableDETR(nn.Module):
             pixel_std (list[float]): per-channel std the images are divided by.
             aux_loss (bool): also train the outputs of the intermediate decoder layers.
             detections_per_image (int): detections kept per image at inference.
+            precision (str): one of :data:`PRECISIONS`, the precision of the network at
+                inference (TEST.PRECISION): "bfloat16" needs a GPU or a CPU with bfloat16
+                arithmetic (elsewhere a warning and float32), "float16" a GPU.
         """
         super().__init__()
         self.backbone = backbone
@@ -101,6 +121,11 @@ class DeformableDETR(nn.Module):
         self.with_box_refine = with_box_refine = transformer.with_box_refine
         self.two_stage = two_stage = transformer.two_stage
         self.detections_per_image = detections_per_image
+        if precision not in PRECISIONS:
+            raise ValueError(
+                f"precision (TEST.PRECISION) = {precision!r}: must be one of {sorted(PRECISIONS)}"
+            )
+        self.precision = precision
 
         hidden_dim = transformer.d_model
         if not two_stage:
@@ -132,6 +157,7 @@ class DeformableDETR(nn.Module):
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "aux_loss": ddetr.AUX_LOSS,
             "detections_per_image": cfg.TEST.DETECTIONS_PER_IMAGE,
+            "precision": cfg.TEST.PRECISION,
         }
 
     @property
@@ -285,14 +311,52 @@ class DeformableDETR(nn.Module):
 
         if len(batched_inputs) == 0:
             return []
-        outputs, images = self.forward_raw(batched_inputs)
-        results = self.inference(outputs["pred_logits"], outputs["pred_boxes"], images.image_sizes)
+        with self.inference_precision():
+            outputs, images = self.forward_raw(batched_inputs)
+        # Scores and the top-K ranking in float32, so that 16-bit logits rank as float32 ones do
+        # up to their own rounding.
+        logits, boxes = outputs["pred_logits"].float(), outputs["pred_boxes"].float()
+        results = self.inference(logits, boxes, images.image_sizes)
         processed = []
         for result, inputs, size in zip(results, batched_inputs, images.image_sizes):
             height = inputs.get("height", size[0])
             width = inputs.get("width", size[1])
             processed.append({"instances": detector_postprocess(result, height, width)})
         return processed
+
+    def inference_precision(self):
+        """The autocast region the network runs in at inference, as TEST.PRECISION asks.
+
+        Returns:
+            context manager: ``torch.autocast`` in 16-bit, a null context in float32 (and for
+            bfloat16 on a CPU without bfloat16 arithmetic, with a warning).
+
+        Raises:
+            ValueError: float16 on a CPU, or an unknown precision; the message names the key.
+        """
+        if self.precision not in PRECISIONS:
+            raise ValueError(
+                f"TEST.PRECISION = {self.precision!r}: must be one of {sorted(PRECISIONS)}"
+            )
+        dtype = PRECISIONS[self.precision]
+        device_type = self.device.type
+        if dtype is None:
+            return contextlib.nullcontext()
+        if device_type == "cpu" and dtype == torch.float16:
+            raise ValueError(
+                "TEST.PRECISION = 'float16' is not supported on the CPU: use 'bfloat16' (CPUs with "
+                "AMX or AVX512-BF16) or 'float32', or move the model to a GPU"
+            )
+        if not _has_native(device_type, dtype):
+            log_first_n(
+                logging.WARNING,
+                f"TEST.PRECISION = {self.precision!r} but this {device_type.upper()} has no "
+                f"native {self.precision} arithmetic: inference runs in float32. This warning "
+                "is shown once.",
+                key="message",
+            )
+            return contextlib.nullcontext()
+        return torch.autocast(device_type, dtype=dtype)
 
     def prepare_targets(self, batched_inputs):
         """Ground truth in the criterion's format, boxes normalised by each image's own size.
