@@ -8,7 +8,7 @@
 // runs one thread per sample (batch, query, head, level, point): it owns that sample's location and
 // weight gradients and adds its share of the value gradient atomically into a float32 buffer.
 #include <ATen/ATen.h>
-#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAFunctions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
@@ -167,6 +167,28 @@ __global__ void backward_kernel(
   }
 }
 
+// Raises right after a failed launch, which would otherwise be reported by whichever CUDA call
+// comes next, far from its cause. "No kernel image is available" means that this build has no code
+// for the GPU present: the message says which architecture to rebuild for.
+void check_launch(const char* kernel, const at::Tensor& value, const char* op_name) {
+  const cudaError_t err = cudaGetLastError();
+  if (err == cudaSuccess) {
+    return;
+  }
+  // Only for the message: when even this query fails, the launch error is still the one raised.
+  cudaDeviceProp prop{};
+  if (cudaGetDeviceProperties(&prop, c10::cuda::current_device()) != cudaSuccess) {
+    cudaGetLastError();
+  }
+  TORCH_CHECK(err != cudaErrorNoKernelImageForDevice, op_name, ": ", kernel, " (",
+              value.scalar_type(), ") has no code for this GPU (", prop.name,
+              ", compute capability ", prop.major, ".", prop.minor,
+              "): rebuild deformable_detr._C for it, e.g. FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST=\"",
+              prop.major, ".", prop.minor, "\" pip install -e .");
+  TORCH_CHECK(false, op_name, ": launch of ", kernel, " (", value.scalar_type(), ") on ", prop.name,
+              " failed: ", cudaGetErrorString(err));
+}
+
 void check_cuda(const at::Tensor& value, const at::Tensor& spatial_shapes,
                 const at::Tensor& level_start_index, const at::Tensor& sampling_locations,
                 const at::Tensor& attention_weights, const char* op_name) {
@@ -237,7 +259,7 @@ at::Tensor ms_deform_attn_forward_cuda(const at::Tensor& value, const at::Tensor
         v.data_ptr<scalar_t>(), shapes.data_ptr<int64_t>(), starts.data_ptr<int64_t>(),
         loc.data_ptr<loc_t>(), attn.data_ptr<loc_t>(), out.data_ptr<scalar_t>(), total, s, lq, m, d,
         nl, p);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    check_launch("forward_kernel", v, op_name);
   });
   return out;
 }
@@ -272,7 +294,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cuda(
           starts.data_ptr<int64_t>(), loc.data_ptr<loc_t>(), attn.data_ptr<loc_t>(),
           grad_value.data_ptr<float>(), grad_loc.data_ptr<loc_t>(), grad_attn.data_ptr<loc_t>(),
           total, s, lq, m, d, nl, p);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      check_launch("backward_kernel", v, op_name);
     });
   } else {
     grad_loc.zero_();
