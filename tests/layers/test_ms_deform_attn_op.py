@@ -211,8 +211,15 @@ def test_16bit_values_against_reference_on_cpu(dtype):
 
 
 @requires_compiled
-def test_results_do_not_depend_on_thread_count():
-    inputs = make_inputs([(6, 8), (3, 4)], batch=2, queries=70, heads=4, dim=32)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("queries", [70, 3])
+def test_results_do_not_depend_on_thread_count(queries, dtype):
+    # 70 queries take more samples than the heads have rows (dense heads), 3 fewer; batch 2 x 4
+    # heads is more tasks than threads, so workers reuse their buffers from one head to the next.
+    value, shapes, starts, loc, weights = make_inputs(
+        [(6, 8), (3, 4)], batch=2, queries=queries, heads=4, dim=32
+    )
+    inputs = (value.to(dtype), shapes, starts, loc, weights)
     old = torch.get_num_threads()
     try:
         torch.set_num_threads(1)

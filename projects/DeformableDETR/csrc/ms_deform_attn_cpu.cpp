@@ -14,7 +14,10 @@
 //
 // The backward pass splits the work by (batch, head): each task owns the value gradient of its head
 // and the head's location and weight gradients, so no two threads ever write the same element, no
-// atomics are needed and the sums do not depend on the thread count.
+// atomics are needed and the sums do not depend on the thread count. Like the forward, it locates
+// and prefetches the rows of query q + 1 (values and gradient sums) before it works on query q.
+// Unless the sums can go straight into a float32/float64 grad_value, each thread sums one head at
+// a time into its own dense buffer and converts it into grad_value when the head is done.
 //
 // When a head takes more samples than it has rows, value is first transposed to (N, M, S, D): rows
 // M * D elements apart use only a fraction of the cache sets, while a dense head stays in cache.
@@ -73,8 +76,11 @@ std::vector<Level> read_levels(const at::Tensor& spatial_shapes,
 
 // Everything one task needs. V is the dtype of value, output and grad_output; T the arithmetic
 // type of locations, weights and sums. Pointers are to the whole contiguous tensors, except
-// head_value (row 0 of the head, rows `row` elements apart), zero_row (dim zeros) and head_grad
-// (row 0 of the head's value-gradient sum, rows `grad_row` elements apart, zero on entry).
+// head_value (row 0 of the head, rows `row` elements apart), zero_row (dim zeros), head_grad
+// (row 0 of the head's value-gradient sum, rows `grad_row` elements apart) and grad_sink (dim
+// elements that absorb the sums of corners outside the level). When grad_value is set, head_grad
+// is the task's own dense buffer: the backward zeroes it first and converts it into grad_value
+// (N, S, M, D) at the end; otherwise head_grad points into a zeroed grad_value.
 template <typename V, typename T>
 struct HeadTask {
   const V* head_value;
@@ -88,6 +94,9 @@ struct HeadTask {
   const V* grad_output;
   T* head_grad;
   int64_t grad_row;
+  T* grad_sink;
+  V* grad_value;
+  int64_t num_rows;
   T* grad_locations;
   T* grad_weights;
   int64_t num_queries;
@@ -96,8 +105,6 @@ struct HeadTask {
   int64_t num_points;
   int64_t n;
   int64_t m;
-  int64_t level_begin;
-  int64_t level_end;
   int64_t q_begin;
   int64_t q_end;
 };
@@ -408,75 +415,153 @@ DDETR_INLINE void forward_head(const HeadTask<V, T>& t, Tap<V, T>* buffer, T* sc
   }
 }
 
-// Backward pass of one head and the levels [level_begin, level_end) over all queries: accumulates
-// into the task's head_grad and writes the location and weight gradients of those levels'
-// samples. `scratch` holds dim elements for the query's output gradient in T (generic path).
+// The four corners of one backward sample: value rows (the zero row outside the level), gradient
+// rows (the sink outside), bilinear weights (zero outside) and the fractional parts of the pixel
+// coordinates (zero for a sample entirely outside, whose gradients then come out zero).
+template <typename V, typename T>
+struct GradSample {
+  const V* value[4];
+  T* grad[4];
+  T weight[4];
+  bool valid[4];
+  T lh, lw;
+};
+
+// Fills samples with the corners of query q's samples and prefetches their value and gradient
+// rows, so that their cache misses overlap the work on the query before.
+template <typename V, typename T>
+DDETR_INLINE void gather_grad_samples(const HeadTask<V, T>& t, int64_t q, int64_t row_bytes,
+                                      int64_t grad_bytes, GradSample<V, T>* samples) {
+  const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
+  const T* loc = t.locations + 2 * pair * t.num_levels * t.num_points;
+  for (int64_t l = 0; l < t.num_levels; ++l) {
+    const Level& level = t.levels[l];
+    for (int64_t p = 0; p < t.num_points; ++p, loc += 2, ++samples) {
+      Corners<T> c;
+      if (!bilinear_corners(loc[0], loc[1], level, c)) {
+        c.lh = 0;
+        c.lw = 0;
+        for (int k = 0; k < 4; ++k) {
+          c.valid[k] = false;
+        }
+      }
+      samples->lh = c.lh;
+      samples->lw = c.lw;
+      for (int k = 0; k < 4; ++k) {
+        const bool valid = c.valid[k];
+        samples->valid[k] = valid;
+        samples->weight[k] = valid ? c.weight[k] : T(0);
+        samples->value[k] = valid ? t.head_value + c.index[k] * t.row : t.zero_row;
+        samples->grad[k] = valid ? t.head_grad + c.index[k] * t.grad_row : t.grad_sink;
+        if (valid) {
+          prefetch_bytes(samples->value[k], row_bytes, false);
+          prefetch_bytes(samples->grad[k], grad_bytes, true);
+        }
+      }
+    }
+  }
+}
+
+// Backward pass of one head over all queries: sums the value gradient into head_grad (converted
+// into grad_value at the end when that is set) and writes the location and weight gradients. The
+// corners of query q + 1 are located and their rows prefetched before query q is processed.
+// `buffer` holds two queries' samples; `scratch` dim elements (generic path).
 template <typename V, typename T, int kDim, int kBytes>
-DDETR_INLINE void backward_head_levels(const HeadTask<V, T>& t, T* scratch) {
+DDETR_INLINE void backward_head(const HeadTask<V, T>& t, GradSample<V, T>* buffer, T* scratch) {
   const int64_t dim = kDim > 0 ? kDim : t.dim;
   const int64_t samples = t.num_levels * t.num_points;
-  const V* __restrict head_value = t.head_value;
-  T* __restrict head_grad = t.head_grad;
-  T* g_scratch = scratch;
+  const int64_t row_bytes = dim * static_cast<int64_t>(sizeof(V));
+  const int64_t grad_bytes = dim * static_cast<int64_t>(sizeof(T));
+  using GradRow = Row<T, (kDim > 0 ? kDim : kBytes / sizeof(T)), kBytes>;
+  if (t.grad_value != nullptr) {
+    std::fill(t.head_grad, t.head_grad + t.num_rows * t.grad_row, T(0));
+  }
+  GradSample<V, T>* cur = buffer;
+  GradSample<V, T>* next = buffer + samples;
+  if (t.num_queries > 0) {
+    gather_grad_samples(t, 0, row_bytes, grad_bytes, cur);
+  }
   for (int64_t q = 0; q < t.num_queries; ++q) {
     const int64_t pair = (t.n * t.num_queries + q) * t.num_heads + t.m;
+    if (q + 1 + kPrefetchQueries < t.num_queries) {
+      const int64_t ahead = pair + t.num_heads * (1 + kPrefetchQueries);
+      prefetch_bytes(t.locations + 2 * ahead * samples, 2 * samples * sizeof(T), false);
+      prefetch_bytes(t.weights + ahead * samples, samples * sizeof(T), false);
+      prefetch_bytes(t.grad_output + ahead * dim, row_bytes, false);
+      prefetch_bytes(t.grad_locations + 2 * ahead * samples, 2 * samples * sizeof(T), true);
+      prefetch_bytes(t.grad_weights + ahead * samples, samples * sizeof(T), true);
+    }
+    if (q + 1 < t.num_queries) {
+      gather_grad_samples(t, q + 1, row_bytes, grad_bytes, next);
+    }
     const V* __restrict g = t.grad_output + pair * dim;
-    Row<T, (kDim > 0 ? kDim : kBytes / sizeof(T)), kBytes> g_row;
+    GradRow g_row;
     if constexpr (kDim > 0) {
       g_row.load_from(g);
     } else {
       for (int64_t i = 0; i < dim; ++i) {
-        g_scratch[i] = static_cast<T>(g[i]);
+        scratch[i] = static_cast<T>(g[i]);
       }
     }
-    const int64_t first = pair * samples + t.level_begin * t.num_points;
-    const T* loc = t.locations + 2 * first;
-    const T* attn = t.weights + first;
-    T* grad_loc = t.grad_locations + 2 * first;
-    T* grad_attn = t.grad_weights + first;
-    for (int64_t l = t.level_begin; l < t.level_end; ++l) {
-      const Level& level = t.levels[l];
-      const T width = static_cast<T>(level.width), height = static_cast<T>(level.height);
-      for (int64_t p = 0; p < t.num_points; ++p, loc += 2, ++attn, grad_loc += 2, ++grad_attn) {
-        Corners<T> c;
-        if (!bilinear_corners(loc[0], loc[1], level, c)) {
-          grad_loc[0] = 0;
-          grad_loc[1] = 0;
-          *grad_attn = 0;
-          continue;
-        }
-        const T a = *attn;
-        // g . v for every corner; the three gradients are linear combinations of these.
+    const T* attn = t.weights + pair * samples;
+    T* grad_loc = t.grad_locations + 2 * pair * samples;
+    T* grad_attn = t.grad_weights + pair * samples;
+    for (int64_t l = 0; l < t.num_levels; ++l) {
+      const T width = static_cast<T>(t.levels[l].width);
+      const T height = static_cast<T>(t.levels[l].height);
+      for (int64_t p = 0; p < t.num_points; ++p) {
+        const int64_t i = l * t.num_points + p;
+        const GradSample<V, T>& c = cur[i];
+        const T a = attn[i];
+        // g . v for every corner; the three gradients are linear combinations of these. Corners
+        // outside read the zero row and add into the sink; their dot is forced to zero so that
+        // an infinite output gradient does not turn into a NaN there.
         T dots[4];
         for (int k = 0; k < 4; ++k) {
-          dots[k] = 0;
-          if (c.valid[k]) {
-            const V* v = head_value + c.index[k] * t.row;
-            T* gv = head_grad + c.index[k] * t.grad_row;
+          T dot;
+          if constexpr (kDim > 0) {
+            dot = g_row.dot(c.value[k]);
+            g_row.add_scaled_to(a * c.weight[k], c.grad[k]);
+          } else {
+            const V* __restrict v = c.value[k];
+            T* __restrict gv = c.grad[k];
             const T w = a * c.weight[k];
-            if constexpr (kDim > 0) {
-              dots[k] = g_row.dot(v);
-              g_row.add_scaled_to(w, gv);
-            } else {
-              T s = 0;
-              for (int64_t i = 0; i < dim; ++i) {
-                s += g_scratch[i] * static_cast<T>(v[i]);
-              }
-              for (int64_t i = 0; i < dim; ++i) {
-                gv[i] += w * g_scratch[i];
-              }
-              dots[k] = s;
+            dot = 0;
+            for (int64_t j = 0; j < dim; ++j) {
+              dot += scratch[j] * static_cast<T>(v[j]);
+            }
+            for (int64_t j = 0; j < dim; ++j) {
+              gv[j] += w * scratch[j];
             }
           }
+          dots[k] = c.valid[k] ? dot : T(0);
         }
         const T hh = 1 - c.lh, hw = 1 - c.lw;
-        *grad_attn = c.weight[0] * dots[0] + c.weight[1] * dots[1] + c.weight[2] * dots[2] +
-                     c.weight[3] * dots[3];
+        grad_attn[i] = c.weight[0] * dots[0] + c.weight[1] * dots[1] + c.weight[2] * dots[2] +
+                       c.weight[3] * dots[3];
         // The chain rule through pixel = location * size - 0.5 multiplies by the level size.
         const T dw = hh * (dots[1] - dots[0]) + c.lh * (dots[3] - dots[2]);
         const T dh = hw * (dots[2] - dots[0]) + c.lw * (dots[3] - dots[1]);
-        grad_loc[0] = a * dw * width;
-        grad_loc[1] = a * dh * height;
+        grad_loc[2 * i] = a * dw * width;
+        grad_loc[2 * i + 1] = a * dh * height;
+      }
+    }
+    std::swap(cur, next);
+  }
+  if (t.grad_value != nullptr) {
+    // Converting while the rows are scattered back to (N, S, M, D) reads the buffer once.
+    const int64_t out_row = t.num_heads * dim;
+    V* out = t.grad_value + t.n * t.num_rows * out_row + t.m * dim;
+    const T* src = t.head_grad;
+    for (int64_t r = 0; r < t.num_rows; ++r, src += t.grad_row, out += out_row) {
+      if constexpr (kDim > 0) {
+        GradRow x;
+        x.load_from(src);
+        x.store_to(out);
+      } else {
+        for (int64_t j = 0; j < dim; ++j) {
+          out[j] = static_cast<V>(src[j]);
+        }
       }
     }
   }
@@ -488,8 +573,8 @@ void forward_head_baseline(const HeadTask<V, T>& t, Tap<V, T>* buffer, T* scratc
 }
 
 template <typename V, typename T, int kDim>
-void backward_head_baseline(const HeadTask<V, T>& t, T* scratch) {
-  backward_head_levels<V, T, kDim, 16>(t, scratch);
+void backward_head_baseline(const HeadTask<V, T>& t, GradSample<V, T>* buffer, T* scratch) {
+  backward_head<V, T, kDim, 16>(t, buffer, scratch);
 }
 
 #ifdef DDETR_X86_MULTIVERSION
@@ -501,8 +586,9 @@ __attribute__((target("avx2,fma,f16c"))) void forward_head_avx2(const HeadTask<V
 
 template <typename V, typename T, int kDim>
 __attribute__((target("avx2,fma,f16c"))) void backward_head_avx2(const HeadTask<V, T>& t,
+                                                                 GradSample<V, T>* buffer,
                                                                  T* scratch) {
-  backward_head_levels<V, T, kDim, 32>(t, scratch);
+  backward_head<V, T, kDim, 32>(t, buffer, scratch);
 }
 
 template <typename V, typename T, int kDim>
@@ -513,8 +599,8 @@ __attribute__((target("avx512f,avx512vl,avx2,fma,f16c"))) void forward_head_avx5
 
 template <typename V, typename T, int kDim>
 __attribute__((target("avx512f,avx512vl,avx2,fma,f16c"))) void backward_head_avx512(
-    const HeadTask<V, T>& t, T* scratch) {
-  backward_head_levels<V, T, kDim, 64>(t, scratch);
+    const HeadTask<V, T>& t, GradSample<V, T>* buffer, T* scratch) {
+  backward_head<V, T, kDim, 64>(t, buffer, scratch);
 }
 #endif
 
@@ -556,18 +642,18 @@ void run_forward_head(const HeadTask<V, T>& t, Tap<V, T>* buffer, T* scratch) {
 }
 
 template <typename V, typename T, int kDim>
-void run_backward_head(const HeadTask<V, T>& t, T* scratch) {
+void run_backward_head(const HeadTask<V, T>& t, GradSample<V, T>* buffer, T* scratch) {
 #ifdef DDETR_X86_MULTIVERSION
   switch (cpu_isa()) {
     case Isa::kAvx512:
-      return backward_head_avx512<V, T, kDim>(t, scratch);
+      return backward_head_avx512<V, T, kDim>(t, buffer, scratch);
     case Isa::kAvx2:
-      return backward_head_avx2<V, T, kDim>(t, scratch);
+      return backward_head_avx2<V, T, kDim>(t, buffer, scratch);
     default:
       break;
   }
 #endif
-  backward_head_baseline<V, T, kDim>(t, scratch);
+  backward_head_baseline<V, T, kDim>(t, buffer, scratch);
 }
 
 // Arithmetic dtype of the kernels: float32 for 16-bit values.
@@ -614,19 +700,26 @@ at::Tensor pack_heads(const at::Tensor& value) {
   return dst;
 }
 
-// Runs task(i) for i in [0, num_tasks) on the intra-op threads. Threads take the next task from a
-// shared counter instead of a fixed share, so one slow or descheduled thread does not hold the
-// others back.
+// Workers that run_tasks uses for num_tasks tasks.
+int64_t num_workers(int64_t num_tasks) {
+  return std::max<int64_t>(1, std::min<int64_t>(num_tasks, at::get_num_threads()));
+}
+
+// Runs task(i, worker) for i in [0, num_tasks) on num_workers(num_tasks) intra-op threads; worker
+// in [0, num_workers) names the thread's own scratch. Threads take the next task from a shared
+// counter instead of a fixed share, so one slow or descheduled thread does not hold the others
+// back.
 template <typename F>
 void run_tasks(int64_t num_tasks, const F& task) {
   if (num_tasks <= 0) {
     return;
   }
-  const int64_t workers = std::min<int64_t>(num_tasks, at::get_num_threads());
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = next++; i < num_tasks; i = next++) {
-      task(i);
+  at::parallel_for(0, num_workers(num_tasks), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t worker = begin; worker < end; ++worker) {
+      for (int64_t i = next++; i < num_tasks; i = next++) {
+        task(i, worker);
+      }
     }
   });
 }
@@ -644,7 +737,6 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
   const char* op_name = "ms_deform_attn_forward";
   check_cpu(value, spatial_shapes, level_start_index, sampling_locations, attention_weights,
             op_name);
-  const auto vt = value.scalar_type();
   const auto ct = compute_type(value);
   const auto loc = sampling_locations.to(ct).contiguous();
   const auto attn = attention_weights.to(ct).contiguous();
@@ -694,7 +786,7 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
         };
         if (pack) {
           const int64_t chunks = (lq + kQueryChunk - 1) / kQueryChunk;
-          run_tasks(n * m * chunks, [&](int64_t task) {
+          run_tasks(n * m * chunks, [&](int64_t task, int64_t /*worker*/) {
             const int64_t pair = task / chunks, c = task % chunks;
             HeadTask<V, T> t = base;
             t.n = pair / m;
@@ -745,18 +837,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const int64_t lq = loc.size(1), nl = loc.size(3), p = loc.size(4);
   const bool pack = worth_packing(lq, nl, p, s, m);
   const auto v = pack ? pack_heads(value) : value.contiguous();
-  // Dense heads sum their value gradient in (N, M, S, D) layout. Otherwise the sums go straight
-  // into grad_value when it has the arithmetic dtype, or into a buffer of its layout.
-  const bool direct = !pack && value.scalar_type() == ct;
+  // Sparse heads of the arithmetic dtype sum straight into a zeroed grad_value. Otherwise each
+  // worker sums one head at a time into its own dense (S, D) buffer, which it converts into
+  // grad_value when the head is done: no full-size buffer, and a dense head stays in cache.
+  const bool direct = !pack && vt == ct;
   auto grad_value =
       direct ? at::zeros({n, s, m, d}, value.options()) : at::empty({n, s, m, d}, value.options());
-  const std::vector<int64_t> sum_shape =
-      pack ? std::vector<int64_t>{n, m, s, d} : std::vector<int64_t>{n, s, m, d};
-  auto grad_sum = direct ? grad_value : at::zeros(sum_shape, value.options().dtype(ct));
   auto grad_loc = at::empty_like(loc);
   auto grad_attn = at::empty_like(attn);
   if (grad_value.numel() > 0 && lq > 0) {
     const auto levels = read_levels(spatial_shapes, level_start_index);
+    const int64_t workers = num_workers(n * m);
+    // Per worker: the sink row, then (unless direct) the head's dense sums.
+    const int64_t per_worker = d + (direct ? 0 : s * d);
+    auto worker_sums = at::empty({workers, per_worker}, value.options().dtype(ct));
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, vt, "ms_deform_attn_backward", [&] {
       using V = scalar_t;
       using T = at::opmath_type<V>;
@@ -770,48 +864,47 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       base.grad_output = g.data_ptr<V>();
       base.grad_locations = grad_loc.data_ptr<T>();
       base.grad_weights = grad_attn.data_ptr<T>();
+      base.num_rows = s;
       base.num_queries = lq;
       base.num_heads = m;
       base.dim = d;
       base.num_points = p;
       const V* vp = v.data_ptr<V>();
-      T* gp = grad_sum.data_ptr<T>();
+      V* gvp = grad_value.data_ptr<V>();
+      // grad_value itself when it holds the sums (it then has the arithmetic dtype).
+      T* direct_grad = direct ? grad_value.data_ptr<T>() : nullptr;
+      T* wp = worker_sums.data_ptr<T>();
       // One task per (batch, head): it owns the value gradient of the head and its location and
       // weight gradients.
-      run_tasks(n * m, [&](int64_t pair) {
+      run_tasks(n * m, [&](int64_t pair, int64_t worker) {
         HeadTask<V, T> t = base;
         t.n = pair / m;
         t.m = pair % m;
-        t.level_begin = 0;
-        t.level_end = nl;
-        if (pack) {
-          t.head_value = vp + pair * s * d;
-          t.row = d;
-          t.head_grad = gp + pair * s * d;
-          t.grad_row = d;
-        } else {
-          t.head_value = vp + t.n * s * m * d + t.m * d;
-          t.row = m * d;
-          t.head_grad = gp + t.n * s * m * d + t.m * d;
+        t.head_value = pack ? vp + pair * s * d : vp + t.n * s * m * d + t.m * d;
+        t.row = pack ? d : m * d;
+        t.grad_sink = wp + worker * per_worker;
+        if (direct) {
+          t.head_grad = direct_grad + t.n * s * m * d + t.m * d;
           t.grad_row = m * d;
+        } else {
+          t.head_grad = t.grad_sink + d;
+          t.grad_row = d;
+          t.grad_value = gvp;
         }
+        std::vector<GradSample<V, T>> buffer(2 * nl * p);
         std::vector<T> scratch(d);
         if (d == 32) {
-          run_backward_head<V, T, 32>(t, scratch.data());
+          run_backward_head<V, T, 32>(t, buffer.data(), scratch.data());
         } else {
-          run_backward_head<V, T, 0>(t, scratch.data());
+          run_backward_head<V, T, 0>(t, buffer.data(), scratch.data());
         }
       });
     });
   } else {
     grad_loc.zero_();
     grad_attn.zero_();
-  }
-  if (!direct) {
-    if (pack && value.scalar_type() == ct) {
-      swap_middle(grad_sum, grad_value);
-    } else {
-      grad_value.copy_(pack ? grad_sum.permute({0, 2, 1, 3}) : grad_sum);
+    if (!direct) {
+      grad_value.zero_();
     }
   }
   return std::make_tuple(grad_value, grad_loc.to(sampling_locations.scalar_type()),

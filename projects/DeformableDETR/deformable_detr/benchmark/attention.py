@@ -1,6 +1,7 @@
 """Benchmark of the multi-scale deformable attention op: compiled kernel against the PyTorch path.
 
-Run ``python -m deformable_detr.benchmark.attention [--threads 2] [--repeat 5] [--device cpu]``.
+Run ``python -m deformable_detr.benchmark.attention [--threads 2] [--repeat 5] [--device cpu]
+[--clock wall|cpu]``.
 The implementations run side by side in one process on the two shapes of the project's
 benchmark (an 800x1216 image at strides 8/16/32/64, 8 heads x 32 channels, 4 points): the encoder
 (every token is a query) and the decoder (300 queries). Sampling locations are uniform in
@@ -12,10 +13,13 @@ The header names the CPU (model and the avx512f / avx512_bf16 / amx_bf16 / amx_t
 /proc/cpuinfo), the thread count, the torch version and the load average. Times are the best and
 the median of ``--repeat`` runs after one warm-up, the variants alternating inside every repeat
 so that a change of machine load affects them alike; forward+backward computes the gradients of
-value, locations and weights. Peak extra memory is measured for each
-case in a fresh subprocess: on the CPU the peak resident set size above the level reached once the
-inputs exist (the kernel's peak counter is reset there), on CUDA the peak of
-``torch.cuda.max_memory_allocated`` above the allocated inputs.
+value, locations and weights. ``--clock cpu`` times the CPU time of the process (all threads)
+instead of the wall clock: on a machine shared with other jobs it counts only the work done, not
+the time a thread waits to be scheduled, so ``--threads 1 --clock cpu`` compares builds best.
+
+Peak extra memory is measured for each case in a fresh subprocess: on the CPU the peak resident
+set size above the level reached once the inputs exist (the kernel's peak counter is reset
+there), on CUDA the peak of ``torch.cuda.max_memory_allocated`` above the allocated inputs.
 """
 
 import argparse
@@ -100,12 +104,13 @@ def cpu_description():
     return f"{model} ({listed})"
 
 
-def header(device, threads, repeat):
+def header(device, threads, repeat, clock="wall"):
     """Lines naming the machine and the settings a table was measured with."""
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?", "?", "?")
     lines = [
         f"cpu: {cpu_description()}, {os.cpu_count()} logical CPUs",
         f"torch {torch.__version__}, device={device}, threads={threads}, repeat={repeat}, "
+        f"clock={clock}, "
         f"load average {' '.join(f'{x:.2f}' if isinstance(x, float) else x for x in load)}",
     ]
     if device == "cuda":
@@ -129,12 +134,24 @@ def _run(fn, inputs, backward):
     return [t.grad for t in leaves]
 
 
-def time_cases(device, repeat):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def time_cases(device, repeat, clock="wall"):
     """Time every (shape, mode, variant); variants alternate within a repeat.
+
+    Args:
+        device (str): torch device.
+        repeat (int): timed runs per case.
+        clock (str): "wall" (``time.perf_counter``) or "cpu" (``time.process_time``, the CPU time
+            of all the process's threads).
 
     Returns:
         dict: (shape, mode, variant) -> list of seconds.
     """
+    if clock not in CLOCKS:
+        raise ValueError(f"clock must be one of {sorted(CLOCKS)}, got {clock!r}")
+    now = CLOCKS[clock]
     times = {}
     for shape in SHAPES:
         base = make_inputs(shape, device)
@@ -146,10 +163,10 @@ def time_cases(device, repeat):
             for _ in range(repeat):
                 for name, (impl, _) in VARIANTS.items():
                     _sync(device)
-                    start = time.perf_counter()
+                    start = now()
                     _run(IMPLS[impl], inputs[name], backward)
                     _sync(device)
-                    times.setdefault((shape, mode, name), []).append(time.perf_counter() - start)
+                    times.setdefault((shape, mode, name), []).append(now() - start)
     return times
 
 
@@ -199,9 +216,9 @@ def _mb(memory, key):
     return f"{value / 2**20:.1f}" if value is not None else "-"
 
 
-def format_table(times, memory, threads, device, repeat):
+def format_table(times, memory, threads, device, repeat, clock="wall"):
     """The float32 table (compiled against reference) and the bfloat16 table, under a header."""
-    lines = header(device, threads, repeat)
+    lines = header(device, threads, repeat, clock)
     lines.append(
         "float32: best / median seconds; ratio = reference / compiled; memory = peak extra MB"
     )
@@ -259,6 +276,12 @@ def main(argv=None):
     )
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per case")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall-clock time, or CPU time of the process (robust to other jobs on the machine)",
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
     parser.add_argument(
         "--memory-child", nargs=3, metavar=("SHAPE", "VARIANT", "MODE"), help=argparse.SUPPRESS
@@ -270,6 +293,8 @@ def main(argv=None):
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda but torch.cuda.is_available() is False")
+    if args.clock == "cpu" and args.device == "cuda":
+        parser.error("--clock cpu does not measure GPU work; use --clock wall with --device cuda")
 
     if args.memory_child:
         shape, variant, mode = args.memory_child
@@ -284,7 +309,7 @@ def main(argv=None):
             file=sys.stderr,
         )
     torch.set_num_threads(args.threads)
-    times = time_cases(args.device, args.repeat)
+    times = time_cases(args.device, args.repeat, args.clock)
     memory = {}
     if not args.no_memory:
         for shape in SHAPES:
@@ -293,7 +318,9 @@ def main(argv=None):
                     memory[(shape, mode, variant)] = measure_memory(
                         shape, variant, mode, args.device, args.threads
                     )
-    print(format_table(times, memory, torch.get_num_threads(), args.device, args.repeat))
+    print(
+        format_table(times, memory, torch.get_num_threads(), args.device, args.repeat, args.clock)
+    )
 
 
 if __name__ == "__main__":
