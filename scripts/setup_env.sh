@@ -18,9 +18,11 @@ PYTHON="${PYTHON:-python3}"
 TORCH_SPEC="torch==2.14.1 torchvision==0.29.1"
 D2_WHEEL="sal-detectron2==0.7.2"
 RUNTIME_DEPS=(fvcore iopath pycocotools opencv-python-headless scipy matplotlib termcolor yacs tabulate
-  cloudpickle tqdm tensorboard omegaconf hydra-core packaging pillow pybind11 ninja)
-TEST_DEPS=(pytest hypothesis black==26.* isort==7.* clang-format transformers==5.* timm safetensors
-  onnx onnxruntime)
+  cloudpickle tqdm tensorboard omegaconf hydra-core packaging pillow pybind11 ninja
+  timm safetensors)
+# timm: the Swin / ConvNeXt backbones and the weight average (SOLVER.EMA); safetensors: reading
+# timm / HF weight files.
+TEST_DEPS=(pytest hypothesis black==26.* isort==7.* clang-format transformers==5.* onnx onnxruntime)
 
 log() { printf '[setup] %s\n' "$*"; }
 
