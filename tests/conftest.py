@@ -6,6 +6,7 @@ also import directly for module-level constants and helpers.
 
 import helpers
 import pytest
+import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 
@@ -25,6 +26,16 @@ def config_dir():
 def tiny_cfg():
     """``tiny_cfg(*opts, config=...) -> CfgNode``, the factory ``helpers.tiny_cfg``."""
     return helpers.tiny_cfg
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test: on the shared 2-core test machines a single thread is
+    many times faster than two oversubscribed ones for small inputs."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture

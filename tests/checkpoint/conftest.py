@@ -15,13 +15,8 @@ SMALL_LAYERS = ["MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # The test machines are shared: a single intra-op thread is many times faster than two
-    # oversubscribed ones for these small inputs.
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(saved)
 
 
 def _build(config_file, opts=()):

@@ -70,14 +70,6 @@ def _timm_file(tmp_path_factory, model_name, suffix):
     return _SAVED[key]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def _timm_reference_features(model_name, path, x):
     """Features of timm's own extractor with the file loaded by timm (local file, no download)."""
     ref = timm.create_model(
