@@ -99,8 +99,9 @@ def test_train_benchmark_measures_a_step():
     opts = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64, 96)"]
     opts += ["MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "1"]
     cfg = setup_cfg(f"{CONFIG_DIR}/quickstart.yaml", opts)
-    r = measure(cfg, iters=1)
-    assert len(r["times"]) == 1 and r["median"] > 0
+    r = measure(cfg, iters=1, precisions=("float32", "bfloat16"))
+    for precision in ("float32", "bfloat16"):
+        assert len(r["times"][precision]) == 1 and r["median"][precision] > 0
     assert r["peak_mib"] > r["extra_mib"] >= 0
 
 

@@ -1,14 +1,17 @@
 """Training-step benchmark: seconds per iteration and peak memory of one optimisation step.
 
 Run ``python -m deformable_detr.benchmark.train [--config-file configs/quickstart.yaml]
-[--iters 5] [--threads 2] [opts ...]``.
+[--iters 5] [--threads 2] [--precision float32 bfloat16] [opts ...]``.
 
 The model, the optimizer (parameter groups and full-model gradient clipping, as the Trainer
 builds them) and ``cfg.SOLVER.IMS_PER_BATCH`` images come from the config. The images are random,
 of two sizes around the config's training size (so the batch has padding, as in training), each
 with a few random boxes; data loading is not timed. One iteration is forward, the weighted loss
-sum, backward and the optimizer step. After one warm-up iteration the median over ``--iters``
-iterations is printed. The peak resident set size (``VmHWM``) is that of this process, which
+sum, backward and the optimizer step; in bfloat16 it runs under CPU autocast, as
+``SOLVER.AMP.ENABLED`` trains on a CPU. With several precisions, one model and optimizer take
+their steps in turn (float32, bfloat16, float32, ...), so that every precision is timed against
+the same load. After one warm-up iteration per precision the median over ``--iters`` iterations
+of each is printed. The peak resident set size (``VmHWM``) is that of this process, which
 does nothing else; "extra" is the peak above the resident size before the first iteration.
 """
 
@@ -19,6 +22,7 @@ import time
 
 import torch
 
+from .attention import header
 from .model import _rss_mib, _status_mib
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(__file__))), "configs")
@@ -60,11 +64,15 @@ def setup_cfg(config_file, opts):
     return cfg
 
 
-def measure(cfg, iters):
-    """Seconds of every timed iteration and the peak memory.
+def measure(cfg, iters, precisions=("float32",)):
+    """Seconds of every timed iteration of each precision and the peak memory.
+
+    Args:
+        precisions (list[str]): "float32" and/or "bfloat16" (CPU autocast), timed in turn.
 
     Returns:
-        dict: "times" (list[float] seconds), "median", "peak_mib", "extra_mib".
+        dict: "times" and "median" (dicts keyed by precision: list[float] seconds, float),
+        "peak_mib", "extra_mib".
     """
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
@@ -76,24 +84,28 @@ def measure(cfg, iters):
     optimizer = Trainer.build_optimizer(cfg, model)
     batch = make_batch(cfg)
 
-    def step():
-        losses = model(batch)
-        optimizer.zero_grad()
-        sum(losses.values()).backward()
-        optimizer.step()
+    def step(precision):
+        # The whole step under autocast, as CPUAutocastTrainer runs it.
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
+            losses = model(batch)
+            optimizer.zero_grad()
+            sum(losses.values()).backward()
+            optimizer.step()
 
     before = _rss_mib()
-    times = []
+    times = {p: [] for p in precisions}
     with EventStorage(0):
-        step()
+        for precision in precisions:
+            step(precision)
         for _ in range(iters):
-            start = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - start)
+            for precision in precisions:
+                start = time.perf_counter()
+                step(precision)
+                times[precision].append(time.perf_counter() - start)
     peak = _status_mib("VmHWM")
     return {
         "times": times,
-        "median": statistics.median(times),
+        "median": {p: statistics.median(t) for p, t in times.items()},
         "peak_mib": peak,
         "extra_mib": max(0.0, peak - before),
     }
@@ -106,16 +118,31 @@ def main(argv=None):
     )
     parser.add_argument("--iters", type=int, default=5, help="timed iterations after a warm-up")
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
+    parser.add_argument(
+        "--precision",
+        nargs="+",
+        choices=("float32", "bfloat16"),
+        default=["float32"],
+        help="step precisions, timed in turn in one process (bfloat16: CPU autocast)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = setup_cfg(args.config_file, args.opts)
-    r = measure(cfg, args.iters)
+    r = measure(cfg, args.iters, args.precision)
+    print("\n".join(header("cpu", args.threads, args.iters)))
+    first = args.precision[0]
+    for precision in args.precision:
+        t = r["times"][precision]
+        print(
+            f"training step, {os.path.basename(args.config_file)}, batch "
+            f"{cfg.SOLVER.IMS_PER_BATCH}, {precision}: median {r['median'][precision]:.3f} s/iter "
+            f"over {args.iters} iterations (min {min(t):.3f}, max {max(t):.3f}); "
+            f"{r['median'][first] / r['median'][precision]:.2f}x {first} (medians)"
+        )
     print(
-        f"training step, {os.path.basename(args.config_file)}, batch {cfg.SOLVER.IMS_PER_BATCH}, "
-        f"{args.threads} threads, CPU: median {r['median']:.3f} s/iter over {args.iters} "
-        f"iterations (min {min(r['times']):.3f}, max {max(r['times']):.3f}); peak RSS "
-        f"{r['peak_mib']:.0f} MiB ({r['extra_mib']:.0f} MiB above the level before training)"
+        f"peak RSS {r['peak_mib']:.0f} MiB ({r['extra_mib']:.0f} MiB above the level before "
+        "training)"
     )
 
 
