@@ -23,8 +23,8 @@ import glob, os
 root = ensure_quickstart_dataset()
 print(' '.join(sorted(glob.glob(os.path.join(root, 'val', '*')))[:6]))
 ")
-# After 15 minutes of training the model's scores are still modest (the best detections score
-# about 0.5), so the demo draws everything above 0.3.
+# After so short a training the model's scores are still modest (docs/quickstart.md), so the demo
+# draws everything above 0.3.
 # shellcheck disable=SC2086
 "$PY" demo.py --config-file configs/quickstart.yaml --input $images --output "$OUTPUT/demo" \
   --confidence-threshold 0.3 --opts MODEL.WEIGHTS "$OUTPUT/model_final.pth"

@@ -1,6 +1,6 @@
 """Checks of training records before training starts, and image reads that name their file.
 
-Bad data gets one defined behaviour each (see the README, "Robustness"):
+Bad data gets one defined behaviour each (docs/robustness.md lists them):
 
 * a missing image file, a record without "file_name", an annotation (not crowd) without "bbox"
   (e.g. a segmentation only), a category id outside ``[0, MODEL.DEFORMABLE_DETR.NUM_CLASSES)``, a

@@ -142,8 +142,8 @@ class DeformableDetrBackbone(nn.Module):
         body = self.body
         if not is_tracing():
             if x.device.type == "cpu":
-                # oneDNN's CPU convolutions are faster on channels-last tensors (about a quarter
-                # less time in a ResNet-50 at 800x1216); the results are equal up to rounding.
+                # oneDNN's CPU convolutions are faster on channels-last tensors (docs/benchmarks.md
+                # has the measurement); the results are equal up to rounding.
                 x = x.contiguous(memory_format=torch.channels_last)
             body, dtype = self._inference_body(x)
             x = x.to(dtype)
