@@ -7,16 +7,22 @@ import subprocess
 import sys
 
 import cv2
+import matplotlib.colors as mplc
 import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
+from detectron2.data.detection_utils import read_image
 from detectron2.modeling import build_model
+from detectron2.utils.visualizer import Visualizer
 from helpers import CONFIG_DIR, REPO_ROOT
+from PIL import Image
+from torch import nn
 
 from deformable_detr import add_deformable_detr_config
 from deformable_detr.data.quickstart import render_quickstart_image
+from deformable_detr.layers import ms_deform_attn
 
 DEMO = os.path.join(REPO_ROOT, "demo.py")
 CONFIG = os.path.join(CONFIG_DIR, "quickstart.yaml")
@@ -126,6 +132,16 @@ def test_demo_writes_pictures(workdir):
         (
             lambda w: ["--video-input", str(w / "clip.mp4"), "--output", str(w / "o")],
             "clip.mp4",
+        ),
+        (
+            lambda w: ["--video-input", str(w / "clip.mp4"), "--output", str(w / "o")]
+            + ["--show-sampling"],
+            "--show-sampling draws on pictures only",
+        ),
+        (
+            lambda w: ["--input", str(w / "pics" / "pic0.jpg"), "--output", str(w / "o")]
+            + ["--show-sampling", "--sampling-top", "0"],
+            "--sampling-top must be at least 1, got 0",
         ),
     ],
 )
@@ -327,3 +343,111 @@ def test_video_next_to_its_output_is_not_written_over(workdir, tmp_path):
     )
     assert clip.read_bytes() == original
     assert sorted(os.listdir(tmp_path)) == ["clip.mp4", "clip_mp4.mp4"]
+
+
+def test_show_sampling_writes_a_picture_next_to_the_detections(workdir, capsys):
+    demo = _load_demo()
+    out = workdir / "sampling_out"
+    demo.main(
+        _tiny_run(
+            workdir,
+            [str(workdir / "pics" / "pic0.jpg")],
+            out,
+            "--confidence-threshold",
+            "0.0",
+            "--show-sampling",
+            "--sampling-top",
+            "2",
+        )
+    )
+    assert str(out) in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["pic0.png", "pic0_sampling.png"]
+    with Image.open(out / "pic0_sampling.png") as picture:
+        assert picture.format == "PNG"
+        picture.verify()
+    src = cv2.imread(str(workdir / "pics" / "pic0.jpg"))
+    sampling = cv2.imread(str(out / "pic0_sampling.png"))
+    drawn = cv2.imread(str(out / "pic0.png"))
+    assert sampling.shape == src.shape
+    assert np.abs(sampling.astype(np.int32) - src.astype(np.int32)).max() > 50
+    assert np.abs(sampling.astype(np.int32) - drawn.astype(np.int32)).max() > 50
+
+
+def test_sampling_is_drawn_where_the_op_sampled(workdir, monkeypatch):
+    demo = _load_demo()
+    args = demo.get_parser().parse_args(
+        _tiny_run(workdir, [str(workdir / "pics" / "pic0.jpg")], workdir / "o5")
+    )
+    drawer = demo.DetectionDrawer(demo.setup_cfg(args), 0.0)
+    attn = drawer.predictor.model.transformer.decoder.layers[-1].cross_attn
+    with torch.no_grad():
+        # Offsets and weights that differ between queries, heads, levels and points.
+        torch.manual_seed(0)
+        nn.init.normal_(attn.sampling_offsets.weight, std=0.3)
+        nn.init.normal_(attn.attention_weights.weight, std=0.3)
+
+    op_calls, circles = [], []
+    real_op = ms_deform_attn.multi_scale_deformable_attention
+    real_circle = Visualizer.draw_circle
+
+    def op_spy(*op_args):
+        op_calls.append(op_args)
+        return real_op(*op_args)
+
+    def circle_spy(self, coord, color, radius=3):
+        circles.append((tuple(coord), mplc.to_rgba(color), radius))
+        return real_circle(self, coord, color, radius)
+
+    monkeypatch.setattr(ms_deform_attn, "multi_scale_deformable_attention", op_spy)
+    monkeypatch.setattr(Visualizer, "draw_circle", circle_spy)
+    image = read_image(str(workdir / "pics" / "pic0.jpg"), format="BGR")
+    instances, _, sampling = drawer.with_sampling(image, 2)
+    assert sampling.shape == image.shape
+
+    # The last call of the op is the last decoder layer's cross-attention. One unpadded picture:
+    # every level is valid, so normalised locations scale by the picture's size.
+    _, _, _, locations, weights = op_calls[-1]
+    m, levels, points = weights.shape[2:]
+    height, width = image.shape[:2]
+    expected = (locations[0] * torch.tensor([width, height])).numpy()
+    queries = demo.top_detections(instances, 2).pred_query.tolist()
+    assert len(queries) == 2 and len(set(queries)) == 2
+    assert queries[0] == int(instances.pred_query[instances.scores.argmax()])
+    group = m * levels * points + 2
+    assert len(circles) == 2 * group
+    for k, query in enumerate(queries):
+        drawn = circles[k * group : k * group + m * levels * points]
+        coords = np.array([c for c, _, _ in drawn])
+        radius_of = []
+        for head in range(m):
+            for level in range(levels):
+                for point in range(points):
+                    distance = np.abs(coords - expected[query, head, level, point]).max(1)
+                    i = int(distance.argmin())
+                    assert distance[i] < 1e-3, (query, head, level, point)
+                    assert drawn[i][1] == mplc.to_rgba(demo.LEVEL_COLORS[level], alpha=0.75)
+                    radius_of.append((float(weights[0, query, head, level, point]), drawn[i][2]))
+        # Larger attention weight, larger marker.
+        radii = [r for _, r in sorted(radius_of)]
+        assert radii == sorted(radii) and radii[0] < radii[-1]
+        # Then the reference point: a black and a white dot at one place.
+        (black, _, _), (white, _, _) = circles[k * group + group - 2 : (k + 1) * group]
+        assert black == white
+
+
+def test_sampling_outputs_never_take_another_file(tmp_path):
+    demo = _load_demo()
+    for name in ("pic.jpg", "pic_sampling.jpg", "a.jpg", "a_sampling.png"):
+        (tmp_path / name).write_bytes(b"")
+    inputs = [str(tmp_path / n) for n in ("pic.jpg", "pic_sampling.jpg", "a.jpg")]
+    plain = demo.plan_outputs(inputs, str(tmp_path), ".png")
+    assert [os.path.basename(p) for p in plain] == ["pic.png", "pic_sampling.png", "a.png"]
+    # "a_sampling.png" is a file in the output folder, taken as an input of this run.
+    inputs.append(str(tmp_path / "a_sampling.png"))
+    planned = demo.plan_outputs(inputs, str(tmp_path), ".png", (demo.SAMPLING_SUFFIX,))
+    names = [os.path.basename(p) for p in planned]
+    assert names == ["pic.png", "pic_sampling_jpg.png", "a_jpg.png", "a_sampling_png.png"]
+    companions = [demo.companion_path(p, ".png", demo.SAMPLING_SUFFIX) for p in planned]
+    every = [os.path.basename(p) for p in planned + companions]
+    assert len(set(every)) == len(every)
+    assert "a_jpg_sampling.png" in every and "pic_sampling.png" in every

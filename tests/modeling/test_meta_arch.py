@@ -306,6 +306,7 @@ def test_inference_top_k_over_queries_and_classes():
         inst = results[i]
         assert len(inst) == 18 and inst.image_size == (h, w)
         assert inst.pred_classes.tolist() == [c for _, _, c in pairs]
+        assert inst.pred_query.tolist() == [q for _, q, _ in pairs]
         torch.testing.assert_close(inst.scores, torch.tensor([s for s, _, _ in pairs]))
         for k, (_, q, _) in enumerate(pairs):
             cx, cy, bw, bh = boxes[i, q].tolist()

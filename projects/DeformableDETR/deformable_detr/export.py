@@ -105,7 +105,7 @@ class DeformableDetrExportWrapper(nn.Module):
         srcs = model.backbone.features(model.normalize(images))
         masks = [torch.zeros_like(s[:, 0], dtype=torch.bool) for s in srcs]
         outputs = model.predict(srcs, masks)
-        scores, classes, boxes = select_detections(
+        scores, classes, boxes, _ = select_detections(
             outputs["pred_logits"], outputs["pred_boxes"], model.detections_per_image
         )
         height, width = images.shape[-2:]

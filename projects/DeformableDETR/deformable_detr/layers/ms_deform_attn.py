@@ -1,5 +1,7 @@
-"""The multi-scale deformable attention module (projections, sampling locations, official init)."""
+"""The multi-scale deformable attention module (projections, sampling locations, official init),
+and ``record_sampling``, which keeps what the module hands to the op for inspection."""
 
+import contextlib
 import math
 
 import torch
@@ -9,7 +11,7 @@ from torch import nn
 from .ms_deform_attn_func import multi_scale_deformable_attention
 from .tracing import is_tracing
 
-__all__ = ["MultiScaleDeformableAttention"]
+__all__ = ["MultiScaleDeformableAttention", "SamplingRecord", "record_sampling"]
 
 
 class MultiScaleDeformableAttention(nn.Module):
@@ -19,6 +21,10 @@ class MultiScaleDeformableAttention(nn.Module):
     its reference point by learned offsets and weighted by a softmax over all levels and points of
     its head. The submodules and their initialisation match the official checkpoints.
     """
+
+    # The SamplingRecord that forward fills while ``record_sampling`` is active. A class default,
+    # so that modules built or unpickled without it read None.
+    _sampling_record = None
 
     def __init__(self, embed_dim=256, num_heads=8, num_levels=4, num_points=4):
         """
@@ -157,12 +163,14 @@ class MultiScaleDeformableAttention(nn.Module):
                 locations = ref_xy + offsets / pts * half_wh
         # Under autocast the locations (float references) and the softmax come out in float32
         # while the value is half: the op wants one dtype.
+        locations = locations.to(value.dtype)
+        weights = weights.to(value.dtype)
+        if self._sampling_record is not None:
+            self._sampling_record.update(
+                locations, weights, reference_points, spatial_shapes, padding_mask
+            )
         output = multi_scale_deformable_attention(
-            value,
-            spatial_shapes,
-            level_start_index,
-            locations.to(value.dtype),
-            weights.to(value.dtype),
+            value, spatial_shapes, level_start_index, locations, weights
         )
         return self.output_proj(output)
 
@@ -171,3 +179,69 @@ class MultiScaleDeformableAttention(nn.Module):
             f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
             f"num_levels={self.num_levels}, num_points={self.num_points}"
         )
+
+
+class SamplingRecord:
+    """Where a :class:`MultiScaleDeformableAttention` sampled in its last forward pass, as handed
+    to the op (detached, not copied). Every field is None until the module runs.
+
+    Attributes:
+        sampling_locations (Tensor): (N, Lq, M, L, P, 2) normalised (x, y) in the padded map's
+            frame of each level (top-left (0, 0), bottom-right (1, 1)).
+        attention_weights (Tensor): (N, Lq, M, L, P), summing to 1 over (L, P) for every head.
+        reference_points (Tensor): (N, Lq, L, 2) points or (N, Lq, L, 4) boxes, as given to the
+            module (already scaled into each level's padded frame).
+        spatial_shapes (Tensor): (L, 2) int64, (H, W) of every level.
+        padding_mask (Tensor or None): (N, S) bool, True at padded positions; None when the
+            caller passed none (nothing padded).
+        calls (int): forward passes recorded; the fields hold the last one.
+    """
+
+    def __init__(self):
+        self.sampling_locations = None
+        self.attention_weights = None
+        self.reference_points = None
+        self.spatial_shapes = None
+        self.padding_mask = None
+        self.calls = 0
+
+    def update(self, locations, weights, reference_points, spatial_shapes, padding_mask):
+        """Keep the arguments of one forward pass (called by the module)."""
+        self.sampling_locations = locations.detach()
+        self.attention_weights = weights.detach()
+        self.reference_points = reference_points.detach()
+        self.spatial_shapes = spatial_shapes.detach()
+        self.padding_mask = None if padding_mask is None else padding_mask.detach()
+        self.calls += 1
+
+
+@contextlib.contextmanager
+def record_sampling(module):
+    """Record the sampling locations and attention weights ``module`` passes to the op.
+
+    Off by default; while the context is active every forward pass of ``module`` overwrites the
+    yielded record. The previous state (off, or an enclosing record) comes back on exit, also
+    when the body raises. Example::
+
+        attn = model.transformer.decoder.layers[-1].cross_attn
+        with record_sampling(attn) as record:
+            model(inputs)
+        record.sampling_locations  # (N, Lq, M, L, P, 2)
+
+    Args:
+        module (MultiScaleDeformableAttention): the attention module to watch.
+
+    Yields:
+        SamplingRecord: filled by the module's forward passes inside the context.
+    """
+    if not isinstance(module, MultiScaleDeformableAttention):
+        raise TypeError(
+            f"record_sampling needs a MultiScaleDeformableAttention, got {type(module).__name__}"
+        )
+    previous = module._sampling_record
+    record = SamplingRecord()
+    module._sampling_record = record
+    try:
+        yield record
+    finally:
+        module._sampling_record = previous

@@ -76,8 +76,9 @@ def select_detections(logits, boxes, k):
         k (int): detections kept per image (at most Q * C).
 
     Returns:
-        tuple[Tensor, Tensor, Tensor]: scores (N, K) by decreasing value, classes (N, K) int64
-        and boxes (N, K, 4) normalised (x0, y0, x1, y1), with K = min(k, Q * C).
+        tuple[Tensor, Tensor, Tensor, Tensor]: scores (N, K) by decreasing value, classes (N, K)
+        int64, boxes (N, K, 4) normalised (x0, y0, x1, y1) and queries (N, K) int64, the query
+        each detection comes from, with K = min(k, Q * C).
     """
     num_classes = logits.shape[-1]
     prob = logits.sigmoid().flatten(1)
@@ -86,7 +87,7 @@ def select_detections(logits, boxes, k):
     classes = index % num_classes
     boxes = box_convert(boxes, in_fmt="cxcywh", out_fmt="xyxy")
     boxes = torch.gather(boxes, 1, query.unsqueeze(-1).expand(-1, -1, 4))
-    return scores, classes, boxes
+    return scores, classes, boxes, query
 
 
 class MLP(nn.Module):

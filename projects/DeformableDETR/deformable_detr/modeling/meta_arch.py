@@ -293,7 +293,7 @@ class DeformableDETR(nn.Module):
         Returns:
             dict[str, Tensor] in training: the weighted loss terms. In inference, list[dict]: one
             {"instances": Instances} per image with pred_boxes (XYXY, output image coordinates),
-            scores and pred_classes.
+            scores, pred_classes and pred_query (the decoder query of each detection).
         """
         if self.training:
             # Targets first: bad annotations fail before the network runs.
@@ -417,17 +417,20 @@ class DeformableDETR(nn.Module):
             image_sizes (list[tuple[int, int]]): (h, w) of every image as seen by the model.
 
         Returns:
-            list[Instances]: boxes in the coordinates of the images seen by the model.
+            list[Instances]: pred_boxes in the coordinates of the images seen by the model,
+            scores, pred_classes and pred_query, the index in Q of each detection's query (several
+            detections may share a query, with different classes).
         """
-        scores, labels, boxes = select_detections(
+        scores, labels, boxes, queries = select_detections(
             pred_logits, pred_boxes, self.detections_per_image
         )
         results = []
-        for b, s, l, (h, w) in zip(boxes, scores, labels, image_sizes):
+        for b, s, l, q, (h, w) in zip(boxes, scores, labels, queries, image_sizes):
             scale = torch.as_tensor([w, h, w, h], dtype=b.dtype, device=b.device)
             result = Instances((h, w))
             result.pred_boxes = Boxes(b * scale)
             result.scores = s
             result.pred_classes = l
+            result.pred_query = q
             results.append(result)
         return results

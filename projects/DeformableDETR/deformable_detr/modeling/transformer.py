@@ -489,10 +489,37 @@ class DeformableTransformer(nn.Module):
         nn.init.normal_(self.level_embed)
 
     @staticmethod
-    def _valid_sizes(mask):
+    def valid_sizes(mask):
+        """The valid (unpadded) extent of one level.
+
+        Args:
+            mask (Tensor): (N, H, W) bool, True at padding.
+
+        Returns:
+            tuple[Tensor, Tensor]: valid height and width, each (N,) int64.
+        """
         # Rows / columns not padded, read along the first column / row as the official code does.
         not_mask = ~mask
         return not_mask[:, :, 0].sum(1), not_mask[:, 0, :].sum(1)
+
+    @staticmethod
+    def valid_ratios(spatial_shapes, valid_sizes):
+        """The fraction of every level's padded map that the image covers.
+
+        Args:
+            spatial_shapes (list[tuple[int, int]]): (H, W) of every level.
+            valid_sizes (list[tuple[Tensor, Tensor]]): :meth:`valid_sizes` of every level.
+
+        Returns:
+            Tensor: (N, L, 2) float32 valid (width, height) fractions.
+        """
+        return torch.stack(
+            [
+                torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
+                for (h, w), (valid_h, valid_w) in zip(spatial_shapes, valid_sizes)
+            ],
+            1,
+        )
 
     def gen_encoder_output_proposals(self, memory, padding_mask, spatial_shapes, valid_sizes):
         """One proposal per encoder token: a box centred on its cell, sized by its level.
@@ -573,14 +600,8 @@ class DeformableTransformer(nn.Module):
         level_start_index = torch.cat(
             (spatial_shapes.new_zeros((1,)), spatial_shapes.prod(1).cumsum(0)[:-1])
         )
-        valid_sizes = [self._valid_sizes(mask) for mask in masks]
-        valid_ratios = torch.stack(
-            [
-                torch.stack([valid_w.float() / w, valid_h.float() / h], -1)
-                for (h, w), (valid_h, valid_w) in zip(shapes, valid_sizes)
-            ],
-            1,
-        )
+        valid_sizes = [self.valid_sizes(mask) for mask in masks]
+        valid_ratios = self.valid_ratios(shapes, valid_sizes)
 
         # Zeroing the value at padded tokens is a pass over it in every attention layer: a batch
         # without padding skips it (one host read per forward; traced graphs keep the mask).
