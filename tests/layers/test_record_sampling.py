@@ -145,3 +145,24 @@ def test_an_empty_record_and_a_wrong_module():
     with pytest.raises(TypeError, match="MultiScaleDeformableAttention.*Linear"):
         with record_sampling(nn.Linear(2, 2)):
             pass
+
+
+@pytest.mark.parametrize("how", ["autocast", "bfloat16 module"])
+def test_16_bit_value_gets_float32_locations_and_weights(op_calls, how):
+    # A bfloat16 location is off by up to a pixel on a 152-wide level: the op, which computes in
+    # float32 for 16-bit values, gets float32 locations and weights with a bfloat16 value.
+    m = _module()
+    query, reference, value, shapes, starts, mask = _inputs(box=False, padded=True)
+    if how == "autocast":
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(query, reference, value, shapes, starts, mask)
+    else:
+        m = m.to(torch.bfloat16)
+        out = m(query.bfloat16(), reference, value.bfloat16(), shapes, starts, mask)
+    op_value, _, _, op_locations, op_weights = op_calls[-1]
+    assert op_value.dtype == torch.bfloat16 and out.dtype == torch.bfloat16
+    assert op_locations.dtype == torch.float32 and op_weights.dtype == torch.float32
+    # The float32 references reach the op unrounded: for the module in float32 arithmetic the
+    # locations equal the reference plus the (16-bit) offsets, not a bfloat16 rounding of it.
+    rounded = op_locations.to(torch.bfloat16).float()
+    assert not torch.equal(rounded, op_locations)

@@ -161,10 +161,13 @@ class MultiScaleDeformableAttention(nn.Module):
                 locations = torch.addcmul(ref_xy, offsets / pts, half_wh)
             else:
                 locations = ref_xy + offsets / pts * half_wh
-        # Under autocast the locations (float references) and the softmax come out in float32
-        # while the value is half: the op wants one dtype.
-        locations = locations.to(value.dtype)
-        weights = weights.to(value.dtype)
+        # A 16-bit value takes float32 locations and weights (the op computes in float32 for it):
+        # a 16-bit location would be off by up to a pixel on the largest level, and the casts
+        # would cost two passes over (N, Lq, M, L, P) tensors. Under autocast both come out in
+        # float32 (float references, float32 softmax); a 16-bit model's own come out in 16 bits.
+        loc_dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+        locations = locations.to(loc_dtype)
+        weights = weights.to(loc_dtype)
         if self._sampling_record is not None:
             self._sampling_record.update(
                 locations, weights, reference_points, spatial_shapes, padding_mask
