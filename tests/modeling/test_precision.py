@@ -189,3 +189,41 @@ def test_folded_backbone_keeps_state_dict_and_follows_weights():
     assert not torch.equal(before.scores, after.scores)
     assert torch.equal(after.scores, expected.scores)
     assert torch.equal(after.pred_boxes.tensor, expected.pred_boxes.tensor)
+
+
+def _query_dtypes(model, fn):
+    """The dtypes of the queries of the first encoder layer's attention while ``fn`` runs."""
+    seen = []
+    hook = model.transformer.encoder.layers[0].self_attn.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].dtype)
+    )
+    try:
+        fn()
+    finally:
+        hook.remove()
+    return seen
+
+
+@needs_bf16
+def test_bfloat16_encoder_queries_stay_16_bit():
+    # The features and positions come out of the input projections in bfloat16; a float32 level
+    # embedding added to the positions would make every encoder query (N, S, C) float32, cast
+    # back before each linear layer. Training under autocast (SOLVER.AMP) gets the same.
+    cfg = tiny_cfg(two_stage=True, refine=True)
+    model = _build(cfg)
+    image = _image(64, 96, seed=5)
+    model.precision = "bfloat16"
+    assert _query_dtypes(model, lambda: _detect(model, image)) == [torch.bfloat16]
+    model.train()
+    inputs = [{"image": image, "instances": _instances(64, 96, [[4, 8, 40, 50]], [1])}]
+
+    def train_step():
+        with EventStorage(0), torch.autocast("cpu", dtype=torch.bfloat16):
+            sum(model(inputs).values()).backward()
+
+    assert _query_dtypes(model, train_step) == [torch.bfloat16]
+    assert model.transformer.level_embed.grad is not None
+    # float32 stays float32.
+    model.eval()
+    model.precision = "float32"
+    assert _query_dtypes(model, lambda: _detect(model, image)) == [torch.float32]

@@ -587,9 +587,12 @@ class DeformableTransformer(nn.Module):
         shapes = [tuple(src.shape[-2:]) for src in srcs]
         src_flatten = torch.cat([src.flatten(2).transpose(1, 2) for src in srcs], 1)
         mask_flatten = torch.cat([mask.flatten(1) for mask in masks], 1)
+        # The level embedding in the position's dtype: under autocast a float32 parameter would
+        # turn the 16-bit positions, and every query made from them, into float32 tensors that
+        # each linear layer casts back.
         lvl_pos_embed_flatten = torch.cat(
             [
-                pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].view(1, 1, -1)
+                pos.flatten(2).transpose(1, 2) + self.level_embed[lvl].to(pos.dtype).view(1, 1, -1)
                 for lvl, pos in enumerate(pos_embeds)
             ],
             1,
