@@ -463,12 +463,17 @@ def main(argv=None):
                 )
         return
 
+    from .attention import header as machine_header
+
+    print("\n".join(machine_header("cpu", args.threads, args.repeat)))
     print(
-        f"CPU inference, {HEIGHT}x{WIDTH} images, {args.threads} threads, median of "
-        f"{args.repeat} alternating rounds after one warm-up; torch {torch.__version__}; "
-        "HF always in float32"
+        f"CPU inference, {HEIGHT}x{WIDTH} images, {args.threads} threads, best / median of "
+        f"{args.repeat} alternating rounds after one warm-up; HF always in float32"
     )
-    header = "| variant | batch | precision | ours s/img | HF s/img | speedup |"
+    header = (
+        "| variant | batch | precision | ours s/img best / median | HF s/img best / median | "
+        "speedup best / median |"
+    )
     if args.memory:
         header += " ours peak / extra MiB | HF peak / extra MiB |"
     print(header)
@@ -478,9 +483,10 @@ def main(argv=None):
             results = measure_speed(variant, batch, args.repeat, args.precision)
             hf_memory = None
             for precision, r in results.items():
+                ours, hf = min(r["times"]["ours"]), min(r["times"]["hf"])
                 row = (
-                    f"| {variant} | {batch} | {precision} | {r['ours']:.3f} | {r['hf']:.3f} | "
-                    f"{r['speedup']:.2f}x |"
+                    f"| {variant} | {batch} | {precision} | {ours:.3f} / {r['ours']:.3f} | "
+                    f"{hf:.3f} / {r['hf']:.3f} | {hf / ours:.2f}x / {r['speedup']:.2f}x |"
                 )
                 if args.memory:
                     m = measure_memory("ours", variant, batch, args.threads, precision)
@@ -488,6 +494,8 @@ def main(argv=None):
                     for m in (m, hf_memory):
                         row += f" {m['peak_mib']:.0f} / {m['extra_mib']:.0f} |"
                 print(row, flush=True)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ()
+    print("load average at the end: " + " ".join(f"{x:.2f}" for x in load))
     if args.check:
         for variant in args.variants:
             print(f"check {variant}: {json.dumps(check_detections(variant))}", flush=True)
