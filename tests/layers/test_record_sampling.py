@@ -166,3 +166,9 @@ def test_16_bit_value_gets_float32_locations_and_weights(op_calls, how):
     # locations equal the reference plus the (16-bit) offsets, not a bfloat16 rounding of it.
     rounded = op_locations.to(torch.bfloat16).float()
     assert not torch.equal(rounded, op_locations)
+    # The softmax writes float32 weights: not a bfloat16 rounding of them, and they sum to 1 over
+    # every (query, head) to float32 precision.
+    assert not torch.equal(op_weights.to(torch.bfloat16).float(), op_weights)
+    torch.testing.assert_close(
+        op_weights.sum((-1, -2)), torch.ones(op_weights.shape[:3]), atol=1e-6, rtol=0
+    )

@@ -140,7 +140,11 @@ class MultiScaleDeformableAttention(nn.Module):
         )
         offsets = projected[..., :num_offsets].view(n, lq, m, lvls, pts, 2)
         weights = projected[..., num_offsets:].view(n, lq, m, lvls * pts)
-        weights = F.softmax(weights, -1).view(n, lq, m, lvls, pts)
+        # A 16-bit value takes float32 locations and weights (the op computes in float32 for it):
+        # a 16-bit location would be off by up to a pixel on the largest level. The softmax
+        # writes float32 itself (under autocast it would write 16 bits, cast back afterwards).
+        loc_dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+        weights = F.softmax(weights, -1, dtype=loc_dtype).view(n, lq, m, lvls, pts)
 
         # Offsets are in cells of each level (2-d) or in fractions of the half box size (4-d).
         # Eagerly, one fused pass computes reference + offset * scale; traced graphs keep the
@@ -169,13 +173,9 @@ class MultiScaleDeformableAttention(nn.Module):
                 locations = torch.addcmul(ref_xy, offsets / pts, half_wh)
             else:
                 locations = ref_xy + offsets / pts * half_wh
-        # A 16-bit value takes float32 locations and weights (the op computes in float32 for it):
-        # a 16-bit location would be off by up to a pixel on the largest level, and the casts
-        # would cost two passes over (N, Lq, M, L, P) tensors. Under autocast both come out in
-        # float32 (float references, float32 softmax); a 16-bit model's own come out in 16 bits.
-        loc_dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
+        # Under autocast the locations come out in float32 (float references); a 16-bit model's
+        # own come out in 16 bits.
         locations = locations.to(loc_dtype)
-        weights = weights.to(loc_dtype)
         if self._sampling_record is not None:
             self._sampling_record.update(
                 locations, weights, reference_points, spatial_shapes, padding_mask
