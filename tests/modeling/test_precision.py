@@ -36,17 +36,23 @@ def _detect(model, image):
         return model([{"image": image}])[0]["instances"]
 
 
-def _transformer_dtypes(model, fn):
-    """The output dtypes of the decoder's first FFN layer while ``fn`` runs."""
+def _dtypes_seen(module, fn, inputs=False):
+    """The dtypes of ``module``'s output (or first input) at every call while ``fn`` runs."""
     seen = []
-    hook = model.transformer.decoder.layers[0].linear1.register_forward_hook(
-        lambda _m, _i, out: seen.append(out.dtype)
-    )
+    if inputs:
+        hook = module.register_forward_pre_hook(lambda _m, args: seen.append(args[0].dtype))
+    else:
+        hook = module.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
     try:
         fn()
     finally:
         hook.remove()
     return seen
+
+
+def _transformer_dtypes(model, fn):
+    """The output dtypes of the decoder's first FFN layer while ``fn`` runs."""
+    return _dtypes_seen(model.transformer.decoder.layers[0].linear1, fn)
 
 
 @needs_bf16
@@ -193,15 +199,7 @@ def test_folded_backbone_keeps_state_dict_and_follows_weights():
 
 def _query_dtypes(model, fn):
     """The dtypes of the queries of the first encoder layer's attention while ``fn`` runs."""
-    seen = []
-    hook = model.transformer.encoder.layers[0].self_attn.register_forward_pre_hook(
-        lambda _m, args: seen.append(args[0].dtype)
-    )
-    try:
-        fn()
-    finally:
-        hook.remove()
-    return seen
+    return _dtypes_seen(model.transformer.encoder.layers[0].self_attn, fn, inputs=True)
 
 
 @needs_bf16
