@@ -147,7 +147,7 @@ def test_an_empty_record_and_a_wrong_module():
             pass
 
 
-@pytest.mark.parametrize("how", ["autocast", "bfloat16 module"])
+@pytest.mark.parametrize("how", ["autocast", "bfloat16 module", "bfloat16 module and references"])
 def test_16_bit_value_gets_float32_locations_and_weights(op_calls, how):
     # A bfloat16 location is off by up to a pixel on a 152-wide level: the op, which computes in
     # float32 for 16-bit values, gets float32 locations and weights with a bfloat16 value.
@@ -158,6 +158,8 @@ def test_16_bit_value_gets_float32_locations_and_weights(op_calls, how):
             out = m(query, reference, value, shapes, starts, mask)
     else:
         m = m.to(torch.bfloat16)
+        if how.endswith("references"):
+            reference = reference.bfloat16()
         out = m(query.bfloat16(), reference, value.bfloat16(), shapes, starts, mask)
     op_value, _, _, op_locations, op_weights = op_calls[-1]
     assert op_value.dtype == torch.bfloat16 and out.dtype == torch.bfloat16

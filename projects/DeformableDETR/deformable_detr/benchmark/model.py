@@ -37,6 +37,8 @@ import time
 
 import torch
 
+from .attention import header as machine_header
+
 # Name -> (YAML under configs/, DeformableDetrConfig overrides).
 VARIANTS = {
     "r50": ("r50.yaml", {}),
@@ -462,8 +464,6 @@ def main(argv=None):
                     flush=True,
                 )
         return
-
-    from .attention import header as machine_header
 
     print("\n".join(machine_header("cpu", args.threads, args.repeat)))
     print(

@@ -141,10 +141,12 @@ class MultiScaleDeformableAttention(nn.Module):
         offsets = projected[..., :num_offsets].view(n, lq, m, lvls, pts, 2)
         weights = projected[..., num_offsets:].view(n, lq, m, lvls * pts)
         # A 16-bit value takes float32 locations and weights (the op computes in float32 for it):
-        # a 16-bit location would be off by up to a pixel on the largest level. The softmax
-        # writes float32 itself (under autocast it would write 16 bits, cast back afterwards).
+        # a 16-bit location would be off by up to a pixel on the largest level. The softmax and
+        # the location arithmetic below write that dtype themselves (the references are brought
+        # to it, the 16-bit offsets promote), so nothing is rounded to 16 bits and cast back.
         loc_dtype = torch.float32 if value.dtype in (torch.float16, torch.bfloat16) else value.dtype
         weights = F.softmax(weights, -1, dtype=loc_dtype).view(n, lq, m, lvls, pts)
+        refs = reference_points.to(loc_dtype)
 
         # Offsets are in cells of each level (2-d) or in fractions of the half box size (4-d).
         # Eagerly, one fused pass computes reference + offset * scale; traced graphs keep the
@@ -153,7 +155,7 @@ class MultiScaleDeformableAttention(nn.Module):
         if reference_points.shape[-1] == 2:
             normalizer = torch.stack([spatial_shapes[:, 1], spatial_shapes[:, 0]], -1)
             normalizer = normalizer[None, None, None, :, None, :]
-            ref = reference_points[:, :, None, :, None, :]
+            ref = refs[:, :, None, :, None, :]
             if fused:
                 # One pass with a contiguous inner dimension of L * P * 2: references repeated
                 # over the points (small) and the normaliser as one row. Broadcast over six
@@ -167,15 +169,12 @@ class MultiScaleDeformableAttention(nn.Module):
             else:
                 locations = ref + offsets / normalizer
         else:
-            ref_xy = reference_points[:, :, None, :, None, :2]
-            half_wh = reference_points[:, :, None, :, None, 2:] * 0.5
+            ref_xy = refs[:, :, None, :, None, :2]
+            half_wh = refs[:, :, None, :, None, 2:] * 0.5
             if fused:
                 locations = torch.addcmul(ref_xy, offsets / pts, half_wh)
             else:
                 locations = ref_xy + offsets / pts * half_wh
-        # Under autocast the locations come out in float32 (float references); a 16-bit model's
-        # own come out in 16 bits.
-        locations = locations.to(loc_dtype)
         if self._sampling_record is not None:
             self._sampling_record.update(
                 locations, weights, reference_points, spatial_shapes, padding_mask
