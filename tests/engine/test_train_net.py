@@ -107,6 +107,9 @@ def test_optimizer_groups():
     assert named["frozen.weight"] not in lr_of
     assert all(wd == pytest.approx(1e-4) for wd in wd_of.values())
 
+    # A CPU model gets AdamW's fused kernel (no grad scaler on a CPU to hand it scaled gradients).
+    assert optimizer.defaults["fused"] is True
+
     assert isinstance(build_optimizer(_solver_cfg(OPTIMIZER="SGD"), model), torch.optim.SGD)
     with pytest.raises(ValueError, match="SOLVER.OPTIMIZER"):
         build_optimizer(_solver_cfg(OPTIMIZER="LAMB"), model)

@@ -505,3 +505,33 @@ def test_runs_under_cuda_autocast_and_matches_cpu():
         out_cuda = t(*cuda_in, _query_embed().cuda(), ce, be)
     for a, b in zip(out[:4], out_cuda[:4]):
         torch.testing.assert_close(b.cpu(), a, atol=1e-4, rtol=1e-4)
+
+
+def _graph_nodes(tensor):
+    """Names of every autograd node that ``tensor`` was computed through."""
+    seen, stack, names = set(), [tensor.grad_fn], []
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+def test_training_graph_has_no_in_place_copies_and_inference_matches():
+    # In place on a linear layer's 3-d output (a view) is replayed on its base in backward
+    # (CopySlices): the layers compute out of place when a graph is recorded, and in place,
+    # with the same values, when none is.
+    # Eval mode (no dropout), so that only the recorded graph differs between the two passes.
+    t, ce, be = _build("two_stage", 2, dec_layers=2)
+    srcs, masks, pos = _inputs(2, [CANVAS, SMALL], CANVAS)
+    srcs = [s.requires_grad_() for s in srcs]
+    hs = t(srcs, masks, pos, None, ce, be)[0]
+    nodes = _graph_nodes(hs)
+    assert "AddmmBackward0" in nodes and "ReluBackward0" in nodes
+    assert "CopySlices" not in nodes and "AsStridedBackward0" not in nodes, sorted(set(nodes))
+    with torch.no_grad():
+        hs_inference = t(srcs, masks, pos, None, ce, be)[0]
+    torch.testing.assert_close(hs_inference, hs.detach(), rtol=0, atol=0)

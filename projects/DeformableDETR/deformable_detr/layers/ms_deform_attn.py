@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ms_deform_attn_func import multi_scale_deformable_attention
-from .tracing import is_tracing
+from .tracing import in_place_ok, is_tracing
 
 __all__ = ["MultiScaleDeformableAttention", "SamplingRecord", "record_sampling"]
 
@@ -126,8 +126,11 @@ class MultiScaleDeformableAttention(nn.Module):
 
         value = self.value_proj(value)
         if padding_mask is not None:
-            # In place on the fresh projection: no second (N, S, C) buffer.
-            value = value.masked_fill_(padding_mask[..., None], 0.0)
+            # In place on the fresh projection in inference: no second (N, S, C) buffer.
+            if in_place_ok(value):
+                value = value.masked_fill_(padding_mask[..., None], 0.0)
+            else:
+                value = value.masked_fill(padding_mask[..., None], 0.0)
         value = value.view(n, s, m, self.embed_dim // m)
 
         # Offsets and attention logits come from one matrix product over the query; the slices

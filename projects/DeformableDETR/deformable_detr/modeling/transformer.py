@@ -13,7 +13,7 @@ from detectron2.config import configurable
 from torch import nn
 
 from ..layers import MultiScaleDeformableAttention
-from ..layers.tracing import is_tracing
+from ..layers.tracing import in_place_ok, is_tracing
 from .heads import decode_boxes, upcast
 from .position_encoding import sine_encoding
 
@@ -27,15 +27,18 @@ __all__ = [
 
 
 def _relu_(x):
-    # In place on the fresh FFN hidden state (the largest tensor of a layer); ReLU's backward
-    # needs only its output, so autograd allows it.
-    return F.relu(x, inplace=True)
+    # In place on the fresh FFN hidden state (the largest tensor of a layer) in inference.
+    return F.relu(x, inplace=in_place_ok(x))
 
 
 def _add_residual(x, branch):
-    """``x + branch``, written into ``branch`` (the fresh output of a layer) when that keeps the
-    result's dtype: the encoder's (N, S, C) sums then need no new buffer."""
-    if branch.dtype == torch.promote_types(x.dtype, branch.dtype) and branch.shape == x.shape:
+    """``x + branch``, written into ``branch`` (the fresh output of a layer) in inference when
+    that keeps the result's dtype: the encoder's (N, S, C) sums then need no new buffer."""
+    if (
+        in_place_ok(branch)
+        and branch.dtype == torch.promote_types(x.dtype, branch.dtype)
+        and branch.shape == x.shape
+    ):
         return branch.add_(x)
     return x + branch
 
