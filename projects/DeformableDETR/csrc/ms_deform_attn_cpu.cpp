@@ -269,12 +269,28 @@ struct Row {
     }
   }
   DDETR_INLINE static T sum(const Vec& x) {
-    T s = 0;
-    for (int i = 0; i < kLen; ++i) {
-      s += x[i];
-    }
-    return s;
+#if defined(__GNUC__)
+    return halving_sum<kLen>(x);
+#else
+    return x;
+#endif
   }
+#if defined(__GNUC__)
+  // The lanes of x summed by adding its halves until one lane is left: log2(kLen) vector adds,
+  // where a lane-by-lane loop takes kLen dependent scalar adds and as many lane extractions.
+  template <int kLanes, typename X>
+  DDETR_INLINE static T halving_sum(const X& x) {
+    if constexpr (kLanes == 1) {
+      return x[0];
+    } else {
+      typedef typename Simd<T, kLanes / 2 * static_cast<int>(sizeof(T))>::type Half;
+      Half lo, hi;
+      std::memcpy(&lo, &x, sizeof(Half));
+      std::memcpy(&hi, reinterpret_cast<const char*>(&x) + sizeof(Half), sizeof(Half));
+      return halving_sum<kLanes / 2>(lo + hi);
+    }
+  }
+#endif
   DDETR_INLINE void zero() {
     for (int j = 0; j < kCount; ++j) {
       v[j] = Vec{} * 0;
