@@ -16,8 +16,10 @@
 // and the head's location and weight gradients, so no two threads ever write the same element, no
 // atomics are needed and the sums do not depend on the thread count. Like the forward, it locates
 // and prefetches the rows of query q + 1 (values and gradient sums) before it works on query q.
-// Unless the sums can go straight into a float32/float64 grad_value, each thread sums one head at
-// a time into its own dense buffer and converts it into grad_value when the head is done.
+// Sparse heads (few samples per row) sum straight into one zeroed buffer of the arithmetic dtype
+// (grad_value itself, or a float32 buffer cast to 16-bit grad_value at the end); for dense heads
+// each thread sums one head at a time into its own dense buffer and converts it into grad_value
+// when the head is done.
 //
 // When a head takes more samples than it has rows, value is first transposed to (N, M, S, D): rows
 // M * D elements apart use only a fraction of the cache sets, while a dense head stays in cache.
@@ -853,12 +855,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
   const int64_t lq = loc.size(1), nl = loc.size(3), p = loc.size(4);
   const bool pack = worth_packing(lq, nl, p, s, m);
   const auto v = pack ? pack_heads(value) : value.contiguous();
-  // Sparse heads of the arithmetic dtype sum straight into a zeroed grad_value. Otherwise each
-  // worker sums one head at a time into its own dense (S, D) buffer, which it converts into
-  // grad_value when the head is done: no full-size buffer, and a dense head stays in cache.
-  const bool direct = !pack && vt == ct;
-  auto grad_value =
-      direct ? at::zeros({n, s, m, d}, value.options()) : at::empty({n, s, m, d}, value.options());
+  // Sparse heads sum straight into one zeroed buffer of the arithmetic dtype: grad_value itself,
+  // or for 16-bit values a float32 buffer cast to grad_value at the end (one vectorised pass; per
+  // head, zeroing and converting all S rows for a few hundred queries cost more than the sums).
+  // Dense heads: each worker sums one head at a time into its own dense (S, D) buffer, which it
+  // converts into grad_value when the head is done: no full-size buffer, and the head stays in
+  // cache.
+  const bool direct = !pack;
+  auto grad_sums = direct ? at::zeros({n, s, m, d}, value.options().dtype(ct)) : at::Tensor();
+  auto grad_value = direct ? grad_sums : at::empty({n, s, m, d}, value.options());
   auto grad_loc = at::empty_like(loc);
   auto grad_attn = at::empty_like(attn);
   if (grad_value.numel() > 0 && lq > 0) {
@@ -886,9 +891,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
       base.dim = d;
       base.num_points = p;
       const V* vp = v.data_ptr<V>();
-      V* gvp = grad_value.data_ptr<V>();
-      // grad_value itself when it holds the sums (it then has the arithmetic dtype).
-      T* direct_grad = direct ? grad_value.data_ptr<T>() : nullptr;
+      V* gvp = direct ? nullptr : grad_value.data_ptr<V>();
+      T* direct_grad = direct ? grad_sums.data_ptr<T>() : nullptr;
       T* wp = worker_sums.data_ptr<T>();
       // One task per (batch, head): it owns the value gradient of the head and its location and
       // weight gradients.
@@ -922,6 +926,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     if (!direct) {
       grad_value.zero_();
     }
+  }
+  if (direct && vt != ct) {
+    grad_value = grad_sums.to(vt);
   }
   return std::make_tuple(grad_value, grad_loc.to(sampling_locations.scalar_type()),
                          grad_attn.to(attention_weights.scalar_type()));
