@@ -5,7 +5,7 @@
 # Environment variables:
 #   DETECTRON2_SOURCE  auto (default) | git | wheel
 #       git:   pip install detectron2 from its official git repository (needs network access to it);
-#       wheel: the prebuilt detectron2 wheel from the package index (sal-detectron2, see README);
+#       wheel: the prebuilt detectron2 wheel from the package index (sal-detectron2, see docs/install.md);
 #       auto:  git when the repository is reachable, else wheel.
 #   FORCE_CUDA         1 forces the CUDA kernel build, 0 skips it; unset: built when nvcc is found.
 #   TORCH_CUDA_ARCH_LIST  GPU architectures to compile (default "8.0;9.0").
