@@ -115,6 +115,25 @@ def test_optimizer_groups():
         build_optimizer(_solver_cfg(OPTIMIZER="LAMB"), model)
 
 
+def test_optimizer_without_fused_cpu_kernel_falls_back(monkeypatch):
+    # A PyTorch without AdamW's fused CPU kernel refuses fused=True in the constructor; the
+    # optimizer is then built without it, with the same groups.
+    real_init = torch.optim.AdamW.__init__
+
+    def init_refusing_fused(self, params, *args, fused=None, **kwargs):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be ... on CUDA")
+        real_init(self, params, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", init_refusing_fused)
+    model = _Toy()
+    optimizer = build_optimizer(_solver_cfg(), model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert not optimizer.defaults["fused"]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(trainable)
+
+
 def test_full_model_clipping():
     torch.manual_seed(0)
     a, b = nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(2, 2))

@@ -164,13 +164,14 @@ def build_optimizer(cfg, model):
         # (the quickstart model's step with clipping: 6 ms instead of 21). Not on a GPU, where a
         # grad scaler would hand a fused step scaled gradients after the full-model clipping
         # had measured them; on a CPU no grad scaler is used (bfloat16 autocast needs none).
-        on_cpu = all(p.device.type == "cpu" for p in model.parameters())
-        return optimizer_type(
-            params,
-            lr=solver.BASE_LR,
-            weight_decay=solver.WEIGHT_DECAY,
-            **({"fused": True} if on_cpu else {}),
-        )
+        kwargs = {"lr": solver.BASE_LR, "weight_decay": solver.WEIGHT_DECAY}
+        if all(p.device.type == "cpu" for p in model.parameters()):
+            try:
+                return optimizer_type(params, fused=True, **kwargs)
+            except RuntimeError:
+                # A PyTorch without the fused kernel for CPU tensors (before 2.4).
+                pass
+        return optimizer_type(params, **kwargs)
     if name == "SGD":
         optimizer_type = maybe_add_full_model_gradient_clipping(cfg, torch.optim.SGD)
         return optimizer_type(
