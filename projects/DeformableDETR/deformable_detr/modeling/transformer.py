@@ -26,8 +26,8 @@ __all__ = [
 ]
 
 
-def _relu_(x):
-    # In place on the fresh FFN hidden state (the largest tensor of a layer) in inference.
+def _relu(x):
+    # ReLU, in place on the fresh FFN hidden state (the largest tensor of a layer) in inference.
     return F.relu(x, inplace=in_place_ok(x))
 
 
@@ -45,7 +45,7 @@ def _add_residual(x, branch):
 
 def _activation(name):
     if name == "relu":
-        return _relu_
+        return _relu
     if name == "gelu":
         return F.gelu
     raise ValueError(f"DeformableTransformer: activation must be 'relu' or 'gelu', got {name!r}")
