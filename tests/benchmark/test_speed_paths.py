@@ -105,6 +105,26 @@ def test_train_benchmark_measures_a_step():
     assert r["peak_mib"] > r["extra_mib"] >= 0
 
 
+def test_train_benchmark_on_loader_batches_compares_two_models(tiny_dataset, capsys, one_thread):
+    from deformable_detr.benchmark.train import CONFIG_DIR, main
+
+    opts = ["SOLVER.IMS_PER_BATCH", "2", "INPUT.MIN_SIZE_TRAIN", "(64, 96)"]
+    opts += ["INPUT.MAX_SIZE_TRAIN", "128", "DATASETS.TRAIN", "('tiny_train',)"]
+    opts += ["MODEL.DEFORMABLE_DETR.ENC_LAYERS", "1", "MODEL.DEFORMABLE_DETR.DEC_LAYERS", "1"]
+    opts += ["MODEL.DEFORMABLE_DETR.NUM_CLASSES", "2"]
+    main(
+        ["--config-file", f"{CONFIG_DIR}/quickstart.yaml", "--iters", "2", "--threads", "1"]
+        + ["--loader", "--compare", "MODEL.DEFORMABLE_DETR.PADDED_TRAINING_BATCH True"]
+        + opts
+    )
+    lines = [line for line in capsys.readouterr().out.splitlines() if "training step" in line]
+    assert len(lines) == 2
+    assert all("3 batches of its training loader" in line for line in lines)
+    assert "with MODEL.DEFORMABLE_DETR.PADDED_TRAINING_BATCH True" in lines[1]
+    with pytest.raises(SystemExit):
+        main(["--compare", "MODEL.DEFORMABLE_DETR.PADDED_TRAINING_BATCH"])
+
+
 def test_model_benchmark_detections_match_hf_on_converted_weights():
     pytest.importorskip("transformers")
     pytest.importorskip("timm")

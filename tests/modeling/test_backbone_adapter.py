@@ -226,3 +226,36 @@ def test_feature_missing_from_backbone_outputs():
     cfg.MODEL.RESNETS.OUT_FEATURES = ["res4", "res5"]
     with pytest.raises(ValueError, match=r"IN_FEATURES.*\['res3'\]"):
         DeformableDetrBackbone(cfg)
+
+
+def test_padded_training_batch_runs_the_body_once_with_the_same_masks():
+    cfg = _cfg()
+    cfg.MODEL.DEFORMABLE_DETR.PADDED_TRAINING_BATCH = True
+    torch.manual_seed(0)
+    padded = DeformableDetrBackbone(cfg)
+    cfg.MODEL.DEFORMABLE_DETR.PADDED_TRAINING_BATCH = False
+    grouped = DeformableDetrBackbone(cfg)
+    grouped.load_state_dict(padded.state_dict())
+    calls = []
+    padded.body.register_forward_hook(lambda m, i, o: calls.append(tuple(i[0].shape)))
+    sizes = [(70, 90), (100, 64), (70, 90)]
+    images = ImageList.from_tensors(_images(*sizes))
+    srcs, masks = padded(images)
+    assert calls == [(3, 3, 100, 90)]
+    sum(s.sum() for s in srcs).backward()
+    assert all(p.grad is not None for p in padded.parameters() if p.requires_grad)
+    ref_srcs, ref_masks = grouped(images)
+    for src, ref, mask, ref_mask in zip(srcs, ref_srcs, masks, ref_masks):
+        assert src.shape == ref.shape
+        assert torch.equal(mask, ref_mask)
+    # The features of a padded image depend on the padding (GroupNorm of the projections)...
+    assert not torch.allclose(srcs[0][1], ref_srcs[0][1])
+    # ... and inference runs each size on its own whatever the key says.
+    calls.clear()
+    with torch.no_grad():
+        eval_srcs, eval_masks = padded.eval()(images)
+        ref_srcs, ref_masks = grouped.eval()(images)
+    assert len(calls) == 2
+    for src, ref, mask, ref_mask in zip(eval_srcs, ref_srcs, eval_masks, ref_masks):
+        torch.testing.assert_close(src, ref)
+        assert torch.equal(mask, ref_mask)

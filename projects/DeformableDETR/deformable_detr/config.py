@@ -52,6 +52,12 @@ def add_deformable_detr_config(cfg):
     # Total number of feature levels. Levels beyond len(IN_FEATURES) are made by 3x3 stride-2
     # convolutions, the first on the last backbone feature, the next ones on the previous level.
     _C.NUM_FEATURE_LEVELS = 4
+    # In training, run a batch of images of several sizes through the backbone at once, padded
+    # with zeros to a common size (as the official model does), instead of once per image size.
+    # Faster when the sizes vary (docs/quickstart.md measures it), but the features of an image
+    # then depend on the padding: near its border and, with GroupNorm, through the statistics.
+    # Inference always runs each image size on its own, whatever this key says.
+    _C.PADDED_TRAINING_BATCH = False
     # Width of the transformer (d_model). input_proj uses GroupNorm(32, HIDDEN_DIM), so it must be
     # a multiple of 32.
     _C.HIDDEN_DIM = 256

@@ -1,22 +1,28 @@
 """Training-step benchmark: seconds per iteration and peak memory of one optimisation step.
 
 Run ``python -m deformable_detr.benchmark.train [--config-file configs/quickstart.yaml]
-[--iters 5] [--threads 2] [--precision float32 bfloat16] [opts ...]``.
+[--iters 5] [--threads 2] [--precision float32 bfloat16] [--loader] [--compare 'KEY VALUE ...']
+[opts ...]``.
 
 The model, the optimizer (parameter groups and full-model gradient clipping, as the Trainer
-builds them) and ``cfg.SOLVER.IMS_PER_BATCH`` images come from the config. The images are random,
-of two sizes around the config's training size (so the batch has padding, as in training), each
-with a few random boxes; data loading is not timed. One iteration is forward, the weighted loss
+builds them) and ``cfg.SOLVER.IMS_PER_BATCH`` images come from the config. By default the images
+are random, of two sizes around the config's training size (so the batch has padding, as in
+training), each with a few random boxes; with ``--loader`` the batches are the first ones of the
+config's own training data loader (``DATASETS.TRAIN``, its augmentations and picture sizes),
+drawn before any timing. Data loading is never timed. One iteration is forward, the weighted loss
 sum, backward and the optimizer step; in bfloat16 it runs under CPU autocast, as
 ``SOLVER.AMP.ENABLED`` trains on a CPU. With several precisions, one model and optimizer take
 their steps in turn (float32, bfloat16, float32, ...), so that every precision is timed against
-the same load. After one warm-up iteration per precision the median over ``--iters`` iterations
-of each is printed. The peak resident set size (``VmHWM``) is that of this process, which
-does nothing else; "extra" is the peak above the resident size before the first iteration.
+the same load; ``--compare 'KEY VALUE ...'`` builds a second model (same seed) from the config with
+those overrides, which takes its steps in turn with the first on the same batches. After one
+warm-up iteration per precision and model the median over ``--iters`` iterations of each is
+printed. The peak resident set size (``VmHWM``) is that of this process, which does nothing else;
+"extra" is the peak above the resident size before the first iteration.
 """
 
 import argparse
 import os
+import shlex
 import statistics
 import time
 
@@ -64,27 +70,53 @@ def setup_cfg(config_file, opts):
     return cfg
 
 
-def measure(cfg, iters, precisions=("float32",)):
-    """Seconds of every timed iteration of each precision and the peak memory.
+def loader_batches(cfg, count):
+    """The first ``count`` batches of the config's training data loader, in the main process."""
+    from deformable_detr.engine import Trainer
+
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.DATALOADER.NUM_WORKERS = 0
+    it = iter(Trainer.build_train_loader(cfg))
+    return [next(it) for _ in range(count)]
+
+
+def measure(cfg, iters, precisions=("float32",), compare=None, batches=None):
+    """Seconds of every timed iteration of each precision (and model) and the peak memory.
 
     Args:
         precisions (list[str]): "float32" and/or "bfloat16" (CPU autocast), timed in turn.
+        compare (CfgNode or None): a second model's config; its steps alternate with the
+            first model's, precision by precision.
+        batches (list or None): the batches to step on, in turn (one iteration each); None: one
+            random batch (:func:`make_batch`).
 
     Returns:
-        dict: "times" and "median" (dicts keyed by precision: list[float] seconds, float),
-        "peak_mib", "extra_mib".
+        dict: "times" and "median" (dicts keyed by precision, and by ("compare", precision) for
+        the second model: list[float] seconds, float), "peak_mib", "extra_mib".
     """
     from detectron2.modeling import build_model
     from detectron2.utils.events import EventStorage
 
     from deformable_detr.engine import Trainer
 
-    torch.manual_seed(0)
-    model = build_model(cfg).train()
-    optimizer = Trainer.build_optimizer(cfg, model)
-    batch = make_batch(cfg)
+    def build(c):
+        torch.manual_seed(0)
+        model = build_model(c).train()
+        return model, Trainer.build_optimizer(c, model)
 
-    def step(precision):
+    runs = {p: build(cfg) for p in precisions[:1]}
+    for p in precisions[1:]:
+        runs[p] = runs[precisions[0]]
+    if compare is not None:
+        second = build(compare)
+        for p in precisions:
+            runs[("compare", p)] = second
+    batches = batches or [make_batch(cfg)]
+
+    def step(key, batch):
+        precision = key[1] if isinstance(key, tuple) else key
+        model, optimizer = runs[key]
         # The whole step under autocast, as CPUAutocastTrainer runs it.
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bfloat16"):
             losses = model(batch)
@@ -93,19 +125,20 @@ def measure(cfg, iters, precisions=("float32",)):
             optimizer.step()
 
     before = _rss_mib()
-    times = {p: [] for p in precisions}
+    times = {k: [] for k in runs}
     with EventStorage(0):
-        for precision in precisions:
-            step(precision)
-        for _ in range(iters):
-            for precision in precisions:
+        for key in runs:
+            step(key, batches[0])
+        for i in range(iters):
+            for key in runs:
+                batch = batches[(i + 1) % len(batches)]
                 start = time.perf_counter()
-                step(precision)
-                times[precision].append(time.perf_counter() - start)
+                step(key, batch)
+                times[key].append(time.perf_counter() - start)
     peak = _status_mib("VmHWM")
     return {
         "times": times,
-        "median": {p: statistics.median(t) for p, t in times.items()},
+        "median": {k: statistics.median(t) for k, t in times.items()},
         "peak_mib": peak,
         "extra_mib": max(0.0, peak - before),
     }
@@ -125,20 +158,43 @@ def main(argv=None):
         default=["float32"],
         help="step precisions, timed in turn in one process (bfloat16: CPU autocast)",
     )
+    parser.add_argument(
+        "--loader",
+        action="store_true",
+        help="step on batches of the config's training data loader instead of random images",
+    )
+    parser.add_argument(
+        "--compare",
+        default=None,
+        metavar="'KEY VALUE ...'",
+        help="also time a second model built with these config overrides (one quoted string), "
+        "in turn with the first",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides, KEY VALUE ...")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = setup_cfg(args.config_file, args.opts)
-    r = measure(cfg, args.iters, args.precision)
+    compare = None
+    if args.compare is not None:
+        overrides = shlex.split(args.compare)
+        if not overrides or len(overrides) % 2:
+            parser.error(f"--compare takes one string of KEY VALUE pairs, got {args.compare!r}")
+        compare = setup_cfg(args.config_file, list(args.opts) + overrides)
+    batches = loader_batches(cfg, args.iters + 1) if args.loader else None
+    r = measure(cfg, args.iters, args.precision, compare=compare, batches=batches)
     print("\n".join(header("cpu", args.threads, args.iters)))
+    data = f"{len(batches)} batches of its training loader" if batches else "random images"
     first = args.precision[0]
-    for precision in args.precision:
-        t = r["times"][precision]
+    for key, t in r["times"].items():
+        precision = key[1] if isinstance(key, tuple) else key
+        name = os.path.basename(args.config_file)
+        if isinstance(key, tuple):
+            name += " with " + args.compare
         print(
-            f"training step, {os.path.basename(args.config_file)}, batch "
-            f"{cfg.SOLVER.IMS_PER_BATCH}, {precision}: median {r['median'][precision]:.3f} s/iter "
-            f"over {args.iters} iterations (min {min(t):.3f}, max {max(t):.3f}); "
-            f"{r['median'][first] / r['median'][precision]:.2f}x {first} (medians)"
+            f"training step, {name}, batch {cfg.SOLVER.IMS_PER_BATCH} ({data}), {precision}: "
+            f"median {r['median'][key]:.3f} s/iter over {args.iters} iterations (min {min(t):.3f}, "
+            f"max {max(t):.3f}); {r['median'][first] / r['median'][key]:.2f}x {first} of the "
+            "first model (medians)"
         )
     print(
         f"peak RSS {r['peak_mib']:.0f} MiB ({r['extra_mib']:.0f} MiB above the level before "

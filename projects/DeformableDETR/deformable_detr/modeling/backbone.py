@@ -43,13 +43,20 @@ class DeformableDetrBackbone(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, body, in_features, num_feature_levels, hidden_dim=256):
+    def __init__(
+        self, *, body, in_features, num_feature_levels, hidden_dim=256, padded_training_batch=False
+    ):
         """
         Args:
             body (Backbone): a Detectron2 backbone whose ``output_shape()`` lists ``in_features``.
             in_features (list[str]): backbone outputs used, from the finest to the coarsest.
             num_feature_levels (int): total number of levels, at least ``len(in_features)``.
             hidden_dim (int): output channels of every level, a multiple of 32.
+            padded_training_batch (bool): in training, run a batch of images of several sizes
+                through the backbone at once, zero-padded to a common size, as the official
+                model and Detectron2's detectors do: one pass instead of one per size, but an
+                image's features then depend on the padding (through the convolutions near its
+                border and every GroupNorm). Inference is exact either way.
         """
         super().__init__()
         if not isinstance(body, Backbone):
@@ -82,6 +89,7 @@ class DeformableDetrBackbone(nn.Module):
         self.in_features = in_features
         self.num_feature_levels = num_feature_levels
         self.hidden_dim = hidden_dim
+        self.padded_training_batch = bool(padded_training_batch)
 
         projs = []
         for name in in_features:
@@ -118,6 +126,7 @@ class DeformableDetrBackbone(nn.Module):
             "in_features": cfg.MODEL.DEFORMABLE_DETR.IN_FEATURES,
             "num_feature_levels": cfg.MODEL.DEFORMABLE_DETR.NUM_FEATURE_LEVELS,
             "hidden_dim": cfg.MODEL.DEFORMABLE_DETR.HIDDEN_DIM,
+            "padded_training_batch": cfg.MODEL.DEFORMABLE_DETR.PADDED_TRAINING_BATCH,
         }
 
     def output_shape(self):
@@ -207,6 +216,25 @@ class DeformableDetrBackbone(nn.Module):
             groups.setdefault(size, []).append(i)
 
         divisibility = self.body_size_divisibility
+        if self.training and self.padded_training_batch and len(groups) > 1:
+            # One pass over the padded batch; the masks still mark each image's own part.
+            ph, pw = tensor.shape[-2:]
+            if divisibility > 1:
+                ph = int(math.ceil(ph / divisibility)) * divisibility
+                pw = int(math.ceil(pw / divisibility)) * divisibility
+            srcs = self.features(F.pad(tensor, (0, pw - tensor.shape[-1], 0, ph - tensor.shape[-2])))
+            masks = []
+            for src, stride in zip(srcs, self._strides):
+                # An image alone would give ceil(side / stride) positions per side (every
+                # stride-2 step maps s to ceil(s / 2)): the same valid part as without padding.
+                mask = torch.ones(
+                    (len(sizes),) + tuple(src.shape[-2:]), dtype=torch.bool, device=src.device
+                )
+                for i, (h, w) in enumerate(sizes):
+                    mask[i, : int(math.ceil(h / stride)), : int(math.ceil(w / stride))] = False
+                masks.append(mask)
+            return srcs, masks
+
         per_group = []
         for (h, w), idx in groups.items():
             x = tensor[idx, :, :h, :w] if len(idx) < len(sizes) else tensor[:, :, :h, :w]
