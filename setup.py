@@ -8,6 +8,7 @@ GPU architectures compiled (fewer architectures build faster).
 import glob
 import os
 import shutil
+import sys
 
 from setuptools import find_packages, setup
 
@@ -50,6 +51,25 @@ def _want_cuda(cuda_home):
     return cuda_home is not None and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
 
 
+def _openmp_flags():
+    """Compiler and linker flags for the CPU kernels' ``at::parallel_for`` loops.
+
+    With PyTorch's OpenMP backend these loops are OpenMP regions compiled into the extension:
+    without the compiler's OpenMP flag they silently run on one thread. Linking with it records
+    libgomp.so.1, which resolves to the copy PyTorch has already loaded.
+    """
+    import torch
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return [], []
+    if sys.platform == "win32":
+        return ["/openmp"], []
+    if sys.platform == "darwin":
+        # Apple's clang has no -fopenmp; the loops stay serial there.
+        return [], []
+    return ["-fopenmp"], ["-fopenmp"]
+
+
 def get_extensions():
     import torch.utils.cpp_extension as cpp_ext
     from torch.utils.cpp_extension import CppExtension, CUDAExtension
@@ -59,7 +79,8 @@ def get_extensions():
     if not cpu_sources:
         raise RuntimeError(f"no C++ sources found in {CSRC_DIR}")
 
-    extra_compile_args = {"cxx": ["-O3", "-std=c++20"]}
+    openmp_compile, openmp_link = _openmp_flags()
+    extra_compile_args = {"cxx": ["-O3", "-std=c++20"] + openmp_compile}
     define_macros = []
     cuda_home = _find_cuda_home()
     if _want_cuda(cuda_home):
@@ -93,6 +114,7 @@ def get_extensions():
             include_dirs=[os.path.abspath(CSRC_DIR)],
             define_macros=define_macros,
             extra_compile_args=extra_compile_args,
+            extra_link_args=openmp_link,
         )
     ]
 

@@ -211,6 +211,20 @@ def test_16bit_values_against_reference_on_cpu(dtype):
 
 
 @requires_compiled
+def test_cpu_kernels_run_on_the_intra_op_threads():
+    # With PyTorch's OpenMP backend the kernels' parallel loops are OpenMP regions compiled into
+    # the extension: built without the compiler's OpenMP flag they run on one thread, silently.
+    old = torch.get_num_threads()
+    try:
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            assert torch.ops.deformable_detr._cpu_parallel_threads(64) == threads
+        assert torch.ops.deformable_detr._cpu_parallel_threads(1) == 1
+    finally:
+        torch.set_num_threads(old)
+
+
+@requires_compiled
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("queries", [70, 3])
 def test_results_do_not_depend_on_thread_count(queries, dtype):

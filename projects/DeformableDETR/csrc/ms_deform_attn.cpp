@@ -104,6 +104,8 @@ TORCH_LIBRARY(deformable_detr, m) {
       "ms_deform_attn_backward(Tensor grad_output, Tensor value, Tensor spatial_shapes, "
       "Tensor level_start_index, Tensor sampling_locations, Tensor attention_weights) "
       "-> (Tensor, Tensor, Tensor)");
+  // A diagnostic, not part of the op: the threads the CPU kernels' parallel loops really use.
+  m.def("_cpu_parallel_threads(int num_tasks) -> int", &cpu_parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(deformable_detr, CPU, m) {

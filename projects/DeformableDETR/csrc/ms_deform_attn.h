@@ -30,6 +30,11 @@ at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor&
                                       const at::Tensor& sampling_locations,
                                       const at::Tensor& attention_weights);
 
+// How many distinct intra-op threads one at::parallel_for of the CPU kernels runs num_tasks
+// tasks on: at::get_num_threads() capped by num_tasks when the library was built with the
+// parallel backend of PyTorch (OpenMP needs -fopenmp), 1 when its loops compiled serial.
+int64_t cpu_parallel_threads(int64_t num_tasks);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> ms_deform_attn_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& value, const at::Tensor& spatial_shapes,
     const at::Tensor& level_start_index, const at::Tensor& sampling_locations,

@@ -748,6 +748,14 @@ constexpr int64_t kQueryChunk = 512;
 
 }  // namespace
 
+int64_t cpu_parallel_threads(int64_t num_tasks) {
+  std::atomic<uint64_t> seen{0};
+  at::parallel_for(0, num_tasks, 1, [&](int64_t /*begin*/, int64_t /*end*/) {
+    seen |= uint64_t{1} << std::min(63, at::get_thread_num());
+  });
+  return __builtin_popcountll(seen.load());
+}
+
 at::Tensor ms_deform_attn_forward_cpu(const at::Tensor& value, const at::Tensor& spatial_shapes,
                                       const at::Tensor& level_start_index,
                                       const at::Tensor& sampling_locations,
