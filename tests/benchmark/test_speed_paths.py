@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from deformable_detr.layers import MultiScaleDeformableAttention
+from deformable_detr.layers import fused as fused_module
 from deformable_detr.layers import ms_deform_attn as attn_module
 from deformable_detr.modeling import position_encoding as pe_module
 from deformable_detr.modeling import transformer as transformer_module
@@ -17,7 +18,7 @@ def plain_paths(monkeypatch):
     """Make the modules take the code paths they use under tracing and export."""
 
     def enable():
-        for module in (pe_module, attn_module, transformer_module):
+        for module in (pe_module, attn_module, transformer_module, fused_module):
             monkeypatch.setattr(module, "is_tracing", lambda: True)
 
     return enable

@@ -51,8 +51,8 @@ def _dtypes_seen(module, fn, inputs=False):
 
 
 def _transformer_dtypes(model, fn):
-    """The output dtypes of the decoder's first FFN layer while ``fn`` runs."""
-    return _dtypes_seen(model.transformer.decoder.layers[0].linear1, fn)
+    """The output dtypes of the first decoder layer's value projection while ``fn`` runs."""
+    return _dtypes_seen(model.transformer.decoder.layers[0].cross_attn.value_proj, fn)
 
 
 @needs_bf16

@@ -222,7 +222,9 @@ class DeformableDetrBackbone(nn.Module):
             if divisibility > 1:
                 ph = int(math.ceil(ph / divisibility)) * divisibility
                 pw = int(math.ceil(pw / divisibility)) * divisibility
-            srcs = self.features(F.pad(tensor, (0, pw - tensor.shape[-1], 0, ph - tensor.shape[-2])))
+            srcs = self.features(
+                F.pad(tensor, (0, pw - tensor.shape[-1], 0, ph - tensor.shape[-2]))
+            )
             masks = []
             for src, stride in zip(srcs, self._strides):
                 # An image alone would give ceil(side / stride) positions per side (every

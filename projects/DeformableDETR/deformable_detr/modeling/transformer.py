@@ -13,6 +13,7 @@ from detectron2.config import configurable
 from torch import nn
 
 from ..layers import MultiScaleDeformableAttention
+from ..layers.fused import add_residual, linear_add, linear_relu
 from ..layers.tracing import in_place_ok, is_tracing
 from .heads import decode_boxes, upcast
 from .position_encoding import sine_encoding
@@ -29,18 +30,6 @@ __all__ = [
 def _relu(x):
     # ReLU, in place on the fresh FFN hidden state (the largest tensor of a layer) in inference.
     return F.relu(x, inplace=in_place_ok(x))
-
-
-def _add_residual(x, branch):
-    """``x + branch``, written into ``branch`` (the fresh output of a layer) in inference when
-    that keeps the result's dtype: the encoder's (N, S, C) sums then need no new buffer."""
-    if (
-        in_place_ok(branch)
-        and branch.dtype == torch.promote_types(x.dtype, branch.dtype)
-        and branch.shape == x.shape
-    ):
-        return branch.add_(x)
-    return x + branch
 
 
 def _activation(name):
@@ -115,9 +104,13 @@ class DeformableTransformerEncoderLayer(nn.Module):
             level_start_index,
             padding_mask,
         )
-        src = self.norm1(_add_residual(src, self.dropout1(attn)))
+        src = self.norm1(add_residual(src, self.dropout1(attn)))
+        if not self.training and self.activation is _relu:
+            # Dropout is the identity in eval: bias, ReLU and the residual sum are done in the
+            # matrix products (layers/fused.py).
+            return self.norm2(linear_add(linear_relu(src, self.linear1), self.linear2, src))
         ffn = self.linear2(self.dropout2(self.activation(self.linear1(src))))
-        return self.norm2(_add_residual(src, self.dropout3(ffn)))
+        return self.norm2(add_residual(src, self.dropout3(ffn)))
 
 
 class DeformableTransformerDecoderLayer(nn.Module):
@@ -198,6 +191,8 @@ class DeformableTransformerDecoderLayer(nn.Module):
         )
         tgt = self.norm1(tgt + self.dropout1(attn))
 
+        if not self.training and self.activation is _relu:
+            return self.norm3(linear_add(linear_relu(tgt, self.linear1), self.linear2, tgt))
         ffn = self.linear2(self.dropout3(self.activation(self.linear1(tgt))))
         return self.norm3(tgt + self.dropout4(ffn))
 
