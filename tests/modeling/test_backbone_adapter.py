@@ -259,3 +259,19 @@ def test_padded_training_batch_runs_the_body_once_with_the_same_masks():
     for src, ref, mask, ref_mask in zip(eval_srcs, ref_srcs, eval_masks, ref_masks):
         torch.testing.assert_close(src, ref)
         assert torch.equal(mask, ref_mask)
+
+
+def test_padded_training_batch_pads_to_the_body_divisibility():
+    body = _TinyTestBackbone(divisibility=16)
+    adapter = DeformableDetrBackbone(
+        body=body,
+        in_features=["t4", "t8"],
+        num_feature_levels=2,
+        hidden_dim=32,
+        padded_training_batch=True,
+    ).train()
+    srcs, masks = adapter(ImageList.from_tensors(_images((20, 36), (40, 24))))
+    # One pass on the batch padded to 48x48 (the body asserts the divisibility).
+    assert [tuple(s.shape[-2:]) for s in srcs] == [(12, 12), (6, 6)]
+    assert int((~masks[0][0]).sum()) == 5 * 9
+    assert int((~masks[1][1]).sum()) == 5 * 3

@@ -218,13 +218,7 @@ class DeformableDetrBackbone(nn.Module):
         divisibility = self.body_size_divisibility
         if self.training and self.padded_training_batch and len(groups) > 1:
             # One pass over the padded batch; the masks still mark each image's own part.
-            ph, pw = tensor.shape[-2:]
-            if divisibility > 1:
-                ph = int(math.ceil(ph / divisibility)) * divisibility
-                pw = int(math.ceil(pw / divisibility)) * divisibility
-            srcs = self.features(
-                F.pad(tensor, (0, pw - tensor.shape[-1], 0, ph - tensor.shape[-2]))
-            )
+            srcs = self.features(_pad_to_multiple(tensor, divisibility))
             masks = []
             for src, stride in zip(srcs, self._strides):
                 # An image alone would give ceil(side / stride) positions per side (every
@@ -243,9 +237,8 @@ class DeformableDetrBackbone(nn.Module):
             if divisibility > 1:
                 # Backbones that need divisible inputs see zeros past the image, as in
                 # Detectron2; the mask below still marks only the image's own part as valid.
-                ph = int(math.ceil(h / divisibility)) * divisibility
-                pw = int(math.ceil(w / divisibility)) * divisibility
-                x = F.pad(x, (0, pw - w, 0, ph - h))
+                x = _pad_to_multiple(x, divisibility)
+                ph, pw = x.shape[-2:]
                 srcs = self.features(x)
                 valid = [
                     (
@@ -288,6 +281,17 @@ class DeformableDetrBackbone(nn.Module):
             out_srcs.append(src)
             out_masks.append(mask)
         return out_srcs, out_masks
+
+
+def _pad_to_multiple(x, divisibility):
+    """``x`` (N, C, H, W) zero-padded at the bottom and right to sides that are multiples of
+    ``divisibility`` (0 or 1: unchanged)."""
+    if divisibility <= 1:
+        return x
+    h, w = x.shape[-2:]
+    ph = int(math.ceil(h / divisibility)) * divisibility
+    pw = int(math.ceil(w / divisibility)) * divisibility
+    return F.pad(x, (0, pw - w, 0, ph - h))
 
 
 def _fold_frozen_batch_norms(body, dtype):
